@@ -1,0 +1,95 @@
+"""Command line: `ollama-exporter` runs the daemon; every config key is also a flag (config.KEYS).
+
+Flags follow Prometheus exporter style (`--web.listen-address`, `--config.file`). A bad setting
+prints one line naming the key and exits with status 2; no traceback reaches the operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Optional
+
+import click
+
+from ollama_exporter import __version__
+from ollama_exporter.config import KEYS, Config, ConfigError, build_config, flag_name
+from ollama_exporter.exposition import Exposition, render, runtime_registry
+from ollama_exporter.ollama import OllamaClient
+from ollama_exporter.poller import Poller
+from ollama_exporter.server import MetricsServer
+
+log = logging.getLogger("ollama_exporter")
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _config_options(func):
+    """Attach one flag per config key, each defaulting to None so we know which were given."""
+    for key in reversed(KEYS):
+        func = click.option(flag_name(key), key.field, default=None, metavar=key.metavar, help=key.help)(func)
+    return click.option("--config.file", "config_file", default=None, metavar="FILE",
+                        help="YAML configuration file; flags override its values.")(func)
+
+
+def load_config(config_file: Optional[str], options: dict[str, Any]) -> Config:
+    flags = {key.name: options.get(key.field) for key in KEYS}
+    try:
+        return build_config(config_file, flags)
+    except ConfigError as exc:
+        click.echo(f"ollama-exporter: error: {exc}", err=True)
+        sys.exit(2)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="time=%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+@click.command(context_settings=CONTEXT)
+@_config_options
+@click.option("--once", is_flag=True, help="Poll once, print the metrics to stdout and exit.")
+@click.version_option(__version__, "--version", prog_name="ollama-exporter")
+def main(config_file: Optional[str], once: bool, **options: Any) -> None:
+    """Prometheus exporter for Ollama: polls Ollama's API and serves the results on /metrics."""
+    config = load_config(config_file, options)
+    setup_logging(config.log_level)
+    client = OllamaClient(config.ollama_url, config.ollama_timeout)
+    poller = Poller(client, config.poll_interval)
+    if once:
+        body, _ = render(poller.poll_once())
+        click.echo(body.decode(), nl=False)
+        return
+    serve(config, poller)
+
+
+def serve(config: Config, poller: Poller) -> None:
+    """Run the poll loop and the HTTP server until SIGTERM or SIGINT."""
+    exposition = Exposition(runtime_registry())
+    poller.subscribe(exposition.update)
+    host, port = config.listen
+    try:
+        server = MetricsServer(host, port, exposition, config.ollama_url)
+    except OSError as exc:
+        click.echo(f"ollama-exporter: error: cannot listen on {config.web_listen_address}: {exc.strerror or exc}",
+                   err=True)
+        sys.exit(1)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    threading.Thread(target=poller.run, args=(stop,), name="poller", daemon=True).start()
+    server.start()
+    log.info("ollama-exporter %s polling %s every %gs, listening on %s", __version__, config.ollama_url,
+             config.poll_interval, config.web_listen_address)
+    while not stop.wait(1.0):
+        pass
+    log.info("shutting down")
+    server.shutdown()
+    server.server_close()

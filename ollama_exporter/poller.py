@@ -1,0 +1,230 @@
+"""The polling loop: reads every source with a deadline, builds a Snapshot and swaps it in.
+
+Polling (rather than fetching at scrape time) bounds the load on Ollama however often it is scraped,
+sees loads and unloads that happen between scrapes, and means a scrape never waits on Ollama.
+
+Each source call runs in its own daemon thread with a deadline, so a hung endpoint costs at most one
+timeout per poll and never delays the other sources; a call still stuck from an earlier poll is not
+started again (no pile-up of threads on a wedged server). /api/show is only called for manifest
+digests it has not seen, and its answers are cached by digest until the model disappears from
+/api/tags, so a steady state makes no /api/show calls at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+from ollama_exporter.ollama import OllamaClient, OllamaError
+from ollama_exporter.snapshot import (
+    ERROR_REASONS,
+    InstalledModel,
+    LoadedModel,
+    ShowInfo,
+    Snapshot,
+    SourceStatus,
+    frozen_map,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("version", "ps", "tags", "show")
+SHOW_CONCURRENCY = 4
+SHOW_RETRY_MAX_SECONDS = 300.0
+
+
+@dataclass
+class Outcome:
+    value: Any = None
+    error: Optional[OllamaError] = None
+    duration: float = 0.0
+
+
+class _Call:
+    """One source call in a daemon thread; `wait` returns its Outcome or a timeout at the deadline."""
+
+    def __init__(self, key: str, fn: Callable[[], Any], busy: dict[str, threading.Thread]):
+        self.key, self.outcome, self.started = key, Outcome(), time.monotonic()
+        self.thread: Optional[threading.Thread] = None
+        previous = busy.get(key)
+        if previous is not None and previous.is_alive():
+            self.outcome.error = OllamaError("timeout", f"{key}: the previous call has still not returned")
+            return
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=f"poll-{key}", daemon=True)
+        busy[key] = self.thread
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.outcome.value = fn()
+        except OllamaError as exc:
+            self.outcome.error = exc
+        except Exception as exc:  # a parser bug must not kill the loop; report it as a bad answer
+            log.exception("unexpected error in %s", self.key)
+            self.outcome.error = OllamaError("invalid_response", f"{self.key}: {exc}")
+        self.outcome.duration = time.monotonic() - self.started
+
+    def wait(self, deadline: float) -> Outcome:
+        if self.thread is not None:
+            self.thread.join(max(0.0, deadline - time.monotonic()))
+            if self.thread.is_alive():
+                return Outcome(error=OllamaError("timeout", f"{self.key}: no answer before the poll deadline"),
+                               duration=time.monotonic() - self.started)
+        return self.outcome
+
+
+class Poller:
+    def __init__(self, client: OllamaClient, interval: float, clock: Callable[[], float] = time.time):
+        self.client = client
+        self.interval = interval
+        self.clock = clock
+        self._snapshot = Snapshot.empty()
+        self._listeners: list[Callable[[Snapshot], None]] = []
+        self._busy: dict[str, threading.Thread] = {}  # source -> its call's thread, to avoid pile-ups
+        self._show_cache: dict[str, ShowInfo] = {}
+        self._show_retry: dict[str, tuple[float, float]] = {}  # digest -> (retry at, backoff)
+        self._status: dict[str, SourceStatus] = {}
+        self._errors: Counter = Counter({(s, r): 0 for s in SOURCES for r in ERROR_REASONS})
+        self._loads: Counter = Counter()
+        self._unloads: Counter = Counter()
+        self._previous_loaded: Optional[dict[str, tuple]] = None
+        self._version: Optional[str] = None
+        self._installed: tuple[InstalledModel, ...] = ()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def subscribe(self, listener: Callable[[Snapshot], None]) -> None:
+        """Call `listener` with every new snapshot (from the poll thread)."""
+        self._listeners.append(listener)
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll every `interval` until `stop` is set; an exception in one poll never ends the loop."""
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self.poll_once()
+            except Exception:
+                log.exception("poll failed unexpectedly")
+            stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def poll_once(self) -> Snapshot:
+        deadline = time.monotonic() + self.client.timeout + 0.5
+        calls = {
+            "version": _Call("version", self.client.version, self._busy),
+            "ps": _Call("ps", self.client.ps, self._busy),
+            "tags": _Call("tags", self.client.tags, self._busy),
+        }
+        outcomes = {name: call.wait(deadline) for name, call in calls.items()}
+        now = self.clock()
+        for name, outcome in outcomes.items():
+            self._record(name, outcome, now)
+
+        if outcomes["version"].error is None:
+            self._version = outcomes["version"].value
+        if outcomes["tags"].error is None:
+            self._installed = tuple(outcomes["tags"].value)
+            self._evict_show_cache()
+            self._record("show", self._fetch_show(now), now)
+        installed = tuple(self._with_show(m) for m in self._installed)
+
+        loaded: tuple[LoadedModel, ...] = ()
+        if outcomes["ps"].error is None:
+            loaded = tuple(outcomes["ps"].value)
+            self._count_transitions(loaded)
+
+        for name in [m.name for m in installed] + [m.name for m in loaded]:
+            self._loads[name] += 0
+            self._unloads[name] += 0
+
+        snapshot = Snapshot(
+            timestamp=now,
+            ready=True,
+            up=outcomes["version"].error is None and outcomes["ps"].error is None,
+            version=self._version,
+            installed=installed,
+            loaded=loaded,
+            sources=tuple(self._status[s] for s in SOURCES if s in self._status),
+            loads_total=frozen_map(self._loads),
+            unloads_total=frozen_map(self._unloads),
+            errors_total=frozen_map(self._errors),
+        )
+        self._snapshot = snapshot
+        for listener in self._listeners:
+            listener(snapshot)
+        return snapshot
+
+    # --- helpers ---
+
+    def _record(self, name: str, outcome: Outcome, now: float) -> None:
+        previous = self._status.get(name)
+        last_success = previous.last_success if previous else None
+        if outcome.error is None:
+            status = SourceStatus(name, True, outcome.duration, now)
+            if previous is not None and not previous.up:
+                log.info("source %s recovered", name)
+        else:
+            self._errors[(name, outcome.error.reason)] += 1
+            status = SourceStatus(name, False, outcome.duration, last_success, outcome.error.reason, str(outcome.error))
+            if previous is None or previous.up or previous.error != status.error:
+                log.warning("source %s failed (%s): %s", name, outcome.error.reason, outcome.error)
+        self._status[name] = status
+
+    def _evict_show_cache(self) -> None:
+        digests = {m.digest for m in self._installed}
+        for digest in list(self._show_cache):
+            if digest not in digests:
+                del self._show_cache[digest]
+        for digest in list(self._show_retry):
+            if digest not in digests:
+                del self._show_retry[digest]
+
+    def _fetch_show(self, now: float) -> Outcome:
+        """Call /api/show for digests not yet cached (bounded concurrency); one Outcome for them all."""
+        wanted: dict[str, str] = {}
+        for model in self._installed:
+            retry_at = self._show_retry.get(model.digest, (0.0, 0.0))[0]
+            if model.digest not in self._show_cache and model.digest not in wanted and now >= retry_at:
+                wanted[model.digest] = model.name
+        started, first_error = time.monotonic(), None
+        items = list(wanted.items())
+        for i in range(0, len(items), SHOW_CONCURRENCY):
+            batch = items[i : i + SHOW_CONCURRENCY]
+            deadline = time.monotonic() + self.client.timeout + 0.5
+            calls = [(d, _Call(f"show {n}", lambda n=n: self.client.show(n), self._busy)) for d, n in batch]
+            for digest, call in calls:
+                outcome = call.wait(deadline)
+                if outcome.error is None:
+                    self._show_cache[digest] = outcome.value
+                    self._show_retry.pop(digest, None)
+                else:
+                    backoff = min(max(self.interval, 2 * self._show_retry.get(digest, (0, 0))[1]), SHOW_RETRY_MAX_SECONDS)
+                    self._show_retry[digest] = (now + backoff, backoff)
+                    first_error = first_error or outcome.error
+        return Outcome(error=first_error, duration=time.monotonic() - started)
+
+    def _with_show(self, model: InstalledModel) -> InstalledModel:
+        info = self._show_cache.get(model.digest)
+        return replace(model, show=info) if info is not None else model
+
+    def _count_transitions(self, loaded: tuple[LoadedModel, ...]) -> None:
+        current = {m.name: m.identity for m in loaded}
+        previous = self._previous_loaded
+        if previous is not None:
+            for name, identity in current.items():
+                if name not in previous:
+                    self._loads[name] += 1
+                    log.info("model %s loaded", name)
+                elif previous[name] != identity:  # replaced between polls: a reload
+                    self._unloads[name] += 1
+                    self._loads[name] += 1
+                    log.info("model %s reloaded", name)
+            for name in previous.keys() - current.keys():
+                self._unloads[name] += 1
+                log.info("model %s unloaded", name)
+        self._previous_loaded = current

@@ -1,0 +1,116 @@
+"""The immutable values that flow from the poller to the metrics.
+
+A Snapshot is what was true at the end of one poll: Ollama's answers, each source's health, and the
+exporter's cumulative counters. The poller builds a new one and swaps it in whole, so a reader never
+sees half of one. Nothing here knows about HTTP or Prometheus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Optional
+
+# Error reasons a source can report; a small fixed set so the errors counter stays bounded.
+ERROR_REASONS = ("timeout", "connection", "http_4xx", "http_5xx", "invalid_response")
+
+
+@dataclass(frozen=True)
+class ModelDetails:
+    """The `details` object shared by /api/tags, /api/ps and /api/show."""
+
+    format: str = ""
+    family: str = ""
+    families: tuple[str, ...] = ()
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+    def or_(self, other: "ModelDetails") -> "ModelDetails":
+        """These details with any empty field filled from `other` (old /api/tags rows lack some)."""
+        return ModelDetails(*(mine or theirs for mine, theirs in zip(astuple(self), astuple(other))))
+
+
+@dataclass(frozen=True)
+class ShowInfo:
+    """What /api/show adds to a tags row; immutable per manifest digest, so it is cached by digest."""
+
+    architecture: str = ""
+    context_length: Optional[int] = None  # model_info["<arch>.context_length"], the training maximum
+    parameter_count: Optional[int] = None  # model_info["general.parameter_count"]
+    capabilities: Optional[tuple[str, ...]] = None  # None: the server predates `capabilities`
+    weights_blob: Optional[str] = None  # 64-hex sha256 of the weights blob from the modelfile's FROM line
+    details: ModelDetails = ModelDetails()
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One /api/tags row, joined with its cached /api/show info when that is known."""
+
+    name: str
+    digest: str
+    size: int
+    details: ModelDetails
+    capabilities: Optional[tuple[str, ...]] = None  # from /api/tags (v0.30+); /api/show wins if present
+    show: Optional[ShowInfo] = None
+
+    @property
+    def merged_details(self) -> ModelDetails:
+        return self.details.or_(self.show.details) if self.show else self.details
+
+    @property
+    def merged_capabilities(self) -> tuple[str, ...]:
+        if self.show is not None and self.show.capabilities is not None:
+            return self.show.capabilities
+        return self.capabilities or ()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One /api/ps row."""
+
+    name: str
+    digest: str
+    size: int
+    size_vram: Optional[int]  # None on servers older than v0.1.42, which left it out when 0
+    expires_at: Optional[float]  # unix seconds; keep_alive -1 gives a year-2318 value
+    context_length: Optional[int]  # allocated per-slot context; None before v0.10.0
+    details: ModelDetails
+
+    @property
+    def identity(self) -> tuple[str, Optional[int]]:
+        """What changes when the runner is replaced: a new manifest, or a reload with another num_ctx."""
+        return (self.digest, self.context_length)
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """How the last attempt to read one source went."""
+
+    name: str
+    up: bool
+    duration_seconds: float
+    last_success: Optional[float]  # unix seconds of the last success, None if never
+    error: Optional[str] = None  # one of ERROR_REASONS when not up
+    message: str = ""
+
+
+def frozen_map(data: Mapping) -> Mapping:
+    return MappingProxyType(dict(data))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    timestamp: float
+    ready: bool  # False only for the placeholder before the first poll finished
+    up: bool  # /api/version and /api/ps both answered validly in this poll
+    version: Optional[str]  # last known server version (kept while Ollama is down)
+    installed: tuple[InstalledModel, ...]  # last good /api/tags (kept, stale, while it fails)
+    loaded: tuple[LoadedModel, ...]  # this poll's /api/ps; empty when it failed
+    sources: tuple[SourceStatus, ...]
+    loads_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
+    unloads_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
+    errors_total: Mapping[tuple[str, str], int] = field(default_factory=lambda: frozen_map({}))
+
+    @classmethod
+    def empty(cls, timestamp: float = 0.0) -> "Snapshot":
+        return cls(timestamp=timestamp, ready=False, up=False, version=None, installed=(), loaded=(), sources=())

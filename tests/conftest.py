@@ -1,0 +1,132 @@
+"""Shared test helpers: fixture paths, free ports, the fake Ollama, and the exporter as a real process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "ollama"
+
+
+def fixture_files(kind: str, pattern: str = "*") -> list[Path]:
+    files = sorted((FIXTURES / "api" / kind).glob(pattern))
+    if not files:
+        pytest.fail(f"no fixtures under {FIXTURES / 'api' / kind}: is ../shared beside the repository?")
+    return files
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail with `message` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Optional[BaseException] = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - surfaced in the failure message
+            last_exc = exc
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {message}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+class Exporter:
+    """The real `ollama-exporter` daemon in a child process, listening on a free loopback port."""
+
+    def __init__(self, *args: str, host: str = "127.0.0.1", env: Optional[dict] = None):
+        self.port = free_port(host)
+        self.host = host
+        bracketed = f"[{host}]" if ":" in host else host
+        self.url = f"http://{bracketed}:{self.port}"
+        self.args = ["--web.listen-address", f"{bracketed}:{self.port}", *args]
+        full_env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}  # tests say what they want
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ollama_exporter", *self.args],
+            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def wait_ready(self, timeout: float = 15.0) -> "Exporter":
+        def ready():
+            if self.proc.poll() is not None:
+                pytest.fail(f"exporter exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+            return requests.get(self.url + "/-/ready", timeout=1).status_code == 200
+        wait_for(ready, timeout, message="exporter /-/ready")
+        return self
+
+    def metrics(self) -> str:
+        resp = requests.get(self.url + "/metrics", timeout=2)
+        resp.raise_for_status()
+        return resp.text
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def exporter_factory() -> Iterator:
+    started: list[Exporter] = []
+
+    def start(*args: str, **kwargs) -> Exporter:
+        exp = Exporter(*args, **kwargs)
+        started.append(exp)
+        return exp
+
+    yield start
+    for exp in started:
+        exp.stop()
+
+
+@pytest.fixture
+def fake_ollama():
+    from tests.fakes.ollama import FakeOllama
+
+    fake = FakeOllama().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if not path:
+        pytest.skip("promtool not found: install Debian's `prometheus` package (scripts/test.sh does this)")
+    return path
+
+
+def sample(text: str, name: str, **labels: str) -> Optional[float]:
+    """The value of one sample in an exposition text, or None if it is absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                if set(s.labels) == set(labels):
+                    return s.value
+    return None

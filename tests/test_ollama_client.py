@@ -1,0 +1,191 @@
+"""The API client against every captured Ollama response (replayed with `responses`) and every failure class."""
+
+from __future__ import annotations
+
+import json
+import threading
+import socket
+
+import pytest
+import requests
+import responses
+
+from ollama_exporter.ollama import OllamaClient, OllamaError, parse_timestamp
+from tests.conftest import FIXTURES, fixture_files
+
+BASE = "http://ollama.test:11434"
+
+
+def client(timeout: float = 2.0) -> OllamaClient:
+    return OllamaClient(BASE, timeout)
+
+
+@pytest.mark.parametrize("path", fixture_files("ps", "*.json"), ids=lambda p: p.name)
+@responses.activate
+def test_every_captured_ps_body_parses(path):
+    raw = json.loads(path.read_text())
+    responses.get(BASE + "/api/ps", body=path.read_text())
+    models = client().ps()
+    assert [m.name for m in models] == [r["name"] for r in raw["models"]]
+    for model, row in zip(models, raw["models"]):
+        assert model.size == row["size"]
+        assert model.size_vram == row.get("size_vram")
+        assert model.context_length == row.get("context_length")
+        assert model.expires_at is not None and model.expires_at > 1.6e9
+        assert model.details.quantization_level == row["details"]["quantization_level"]
+
+
+@pytest.mark.parametrize("path", fixture_files("tags", "*.json"), ids=lambda p: p.name)
+@responses.activate
+def test_every_captured_tags_body_parses(path):
+    raw = json.loads(path.read_text())
+    responses.get(BASE + "/api/tags", body=path.read_text())
+    models = client().tags()
+    assert [(m.name, m.digest, m.size) for m in models] == [(r["name"], r["digest"], r["size"]) for r in raw["models"]]
+    for model, row in zip(models, raw["models"]):
+        assert model.details.families == tuple(row["details"].get("families") or ())
+
+
+@pytest.mark.parametrize("path", fixture_files("show", "*.json"), ids=lambda p: p.name)
+@responses.activate
+def test_every_captured_show_body_parses(path):
+    raw = json.loads(path.read_text())
+    responses.post(BASE + "/api/show", body=path.read_text())
+    info = client().show("llama3")
+    arch = raw["model_info"]["general.architecture"]
+    assert info.architecture == arch
+    assert info.context_length == raw["model_info"][f"{arch}.context_length"]
+    assert info.parameter_count == raw["model_info"]["general.parameter_count"]
+    assert info.capabilities == (tuple(raw["capabilities"]) if "capabilities" in raw else None)
+    assert info.weights_blob is not None and len(info.weights_blob) == 64
+    assert f"sha256-{info.weights_blob}" in raw["modelfile"]
+    assert json.loads(responses.calls[0].request.body) == {"model": "llama3"}
+
+
+@pytest.mark.parametrize("path", fixture_files("version"), ids=lambda p: p.name)
+@responses.activate
+def test_every_captured_version_parses(path):
+    responses.get(BASE + "/api/version", body=path.read_text())
+    assert client().version() == json.loads(path.read_text())["version"]
+
+
+@pytest.mark.parametrize("path", fixture_files("tags", "*.txt") + fixture_files("ps", "*.txt"), ids=lambda p: p.name)
+@responses.activate
+def test_truncated_or_non_json_captures_are_invalid_responses(path):
+    responses.get(BASE + "/api/tags", body=path.read_text())
+    responses.get(BASE + "/api/ps", body=path.read_text())
+    with pytest.raises(OllamaError) as err:
+        client().tags() if "/tags/" in str(path) else client().ps()
+    assert err.value.reason == "invalid_response"
+
+
+@pytest.mark.parametrize(
+    "status, fixture, reason, text",
+    [
+        (404, "404_text_plain_page_not_found_api_ps_on_v0.1.34_issue5746.txt", "http_4xx", "404 page not found"),
+        (404, "404_model_not_found_single_quoted_name_pre_v0.3_2023-12.json", "http_4xx", "model 'zephyr' not found"),
+        (500, "500_runner_terminated_cudamalloc_oom_2026-03.json", "http_5xx", "cudaMalloc failed"),
+        (503, "503_server_busy_max_pending_requests_77_bytes_2026-06.json", "http_5xx", "server busy"),
+        (403, None, "http_4xx", "(empty body)"),
+    ],
+)
+@responses.activate
+def test_http_errors_are_classified_and_keep_ollamas_message(status, fixture, reason, text):
+    body = (FIXTURES / "api" / "errors" / fixture).read_text() if fixture else ""
+    responses.get(BASE + "/api/ps", body=body, status=status)
+    with pytest.raises(OllamaError) as err:
+        client().ps()
+    assert err.value.reason == reason
+    assert f"HTTP {status}" in str(err.value) and text in str(err.value)
+
+
+@responses.activate
+def test_garbage_and_wrong_shapes_are_invalid_responses():
+    responses.get(BASE + "/api/ps", body="<html>proxy error</html>")
+    responses.get(BASE + "/api/tags", json={"models": {"not": "a list"}})
+    responses.get(BASE + "/api/version", json={"version": 12})
+    for call in (client().ps, client().tags, client().version):
+        with pytest.raises(OllamaError) as err:
+            call()
+        assert err.value.reason == "invalid_response"
+
+
+def test_connection_refused_is_a_connection_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connects are refused
+        with pytest.raises(OllamaError) as err:
+            OllamaClient(f"http://127.0.0.1:{port}", 1.0).version()
+    assert err.value.reason == "connection"
+    assert f"127.0.0.1:{port}" in str(err.value)
+
+
+def test_a_server_that_never_answers_times_out_at_the_deadline():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(OllamaError) as err:
+            OllamaClient(f"http://127.0.0.1:{port}", 0.3).ps()
+    assert err.value.reason == "timeout"
+
+
+def test_a_slow_drip_body_is_cut_off_at_the_total_deadline():
+    """A server sending one byte every 100 ms never trips requests' per-read timeout; ours must still end."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        while not stop.wait(0.1):
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                break
+        conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    try:
+        with pytest.raises(OllamaError) as err:
+            OllamaClient(f"http://127.0.0.1:{listener.getsockname()[1]}", 0.5).ps()
+        assert err.value.reason == "timeout"
+    finally:
+        stop.set()
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2026-10-01T13:49:44.557263+05:30", 1790842784.557263),
+        ("2026-10-01T08:19:44.557263Z", 1790842784.557263),
+        ("2026-09-16T08:44:16.023680789-03:00", 1789559056.023680789),
+        ("2318-12-01T17:47:16.854775807Z", 11010707236.854775807),
+        ("0001-01-01T00:00:00Z", None),
+        ("not a time", None),
+        (None, None),
+    ],
+)
+def test_expires_at_any_offset_and_precision(text, expected):
+    value = parse_timestamp(text)
+    assert value == pytest.approx(expected, abs=1e-6) if expected is not None else value is None
+
+
+@responses.activate
+def test_requests_identify_the_exporter():
+    responses.get(BASE + "/api/version", json={"version": "0.32.15"})
+    client().version()
+    assert responses.calls[0].request.headers["User-Agent"].startswith("ollama-exporter/")
+
+
+def test_requests_timeout_is_not_misreported(monkeypatch):
+    """requests.ConnectTimeout is both a Timeout and a ConnectionError: it must count as a timeout."""
+    c = client(0.1)
+    monkeypatch.setattr(c.session, "request", lambda *a, **k: (_ for _ in ()).throw(requests.ConnectTimeout("x")))
+    with pytest.raises(OllamaError) as err:
+        c.version()
+    assert err.value.reason == "timeout"
