@@ -225,7 +225,10 @@ def _flatten(path: str, node: Mapping[Any, Any], prefix: str, out: dict[str, Any
         dotted = f"{prefix}{name}"
         if dotted in KEYS_BY_NAME:
             out[dotted] = value
-        elif isinstance(value, dict) and any(k.startswith(dotted + ".") for k in KEYS_BY_NAME):
+        elif any(k.startswith(dotted + ".") for k in KEYS_BY_NAME):
+            if not isinstance(value, dict):
+                children = ", ".join(k for k in KEYS_BY_NAME if k.startswith(dotted + "."))
+                raise ConfigError(f"config file {path}: {dotted!r} must be a mapping with the keys {children}")
             _flatten(path, value, dotted + ".", out)
         else:
             known = ", ".join(sorted(KEYS_BY_NAME))

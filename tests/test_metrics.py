@@ -1,0 +1,144 @@
+"""Snapshot -> exposition: names, units, values, promtool-clean output, and the render-once cache."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ollama_exporter import metrics
+from ollama_exporter.exposition import Exposition, render, runtime_registry
+from ollama_exporter.ollama import parse_loaded
+from ollama_exporter.snapshot import InstalledModel, ModelDetails, ShowInfo, Snapshot, SourceStatus, frozen_map
+from tests.conftest import sample
+
+DETAILS = ModelDetails("gguf", "qwen3", ("qwen3",), "8.2B", "Q4_K_M")
+
+
+def rich_snapshot() -> Snapshot:
+    show = ShowInfo("qwen3", 40960, 8190735360, ("completion", "tools", "thinking"), "a" * 64, DETAILS)
+    installed = (
+        InstalledModel("qwen3:8b", "5" * 64, 5225388164, DETAILS, None, show),
+        # an old server: /api/tags has no capabilities and /api/show has none either
+        InstalledModel("zephyr:latest", "0" * 64, 4108917840, ModelDetails("gguf", "llama", (), "7B", "Q4_0")),
+    )
+    loaded = (
+        parse_loaded({"name": "qwen3:8b", "model": "qwen3:8b", "size": 6423527424, "digest": "5" * 64,
+                      "details": {"families": None}, "expires_at": "2026-10-01T13:49:44.557263+05:30",
+                      "size_vram": 5333539264, "context_length": 32768}),
+        parse_loaded({"name": "old:latest", "size": 100, "digest": "1" * 64,  # pre-v0.1.42 row
+                      "expires_at": "2318-12-01T17:47:16.854775807Z"}),
+    )
+    return Snapshot(
+        timestamp=1790000000.0, ready=True, up=True, version="0.32.15", installed=installed, loaded=loaded,
+        sources=(SourceStatus("version", True, 0.002, 1790000000.0),
+                 SourceStatus("ps", False, 5.0, 1789999000.0, "timeout", "no answer"),
+                 SourceStatus("tags", False, 0.01, None, "http_5xx", "HTTP 500")),
+        loads_total=frozen_map({"qwen3:8b": 2, "zephyr:latest": 0}),
+        unloads_total=frozen_map({"qwen3:8b": 1, "zephyr:latest": 0}),
+        errors_total=frozen_map({("ps", "timeout"): 3, ("ps", "connection"): 0}),
+    )
+
+
+def text_of(snapshot: Snapshot) -> str:
+    return render(snapshot)[0].decode()
+
+
+def test_values_units_and_labels_come_from_the_snapshot():
+    text = text_of(rich_snapshot())
+    assert sample(text, "ollama_up") == 1
+    assert sample(text, "ollama_build_info", version="0.32.15") == 1
+    assert sample(text, "ollama_model_info", model="qwen3:8b", digest="5" * 64, family="qwen3",
+                  parameter_size="8.2B", quantization="Q4_K_M", format="gguf") == 1
+    assert sample(text, "ollama_model_size_bytes", model="qwen3:8b") == 5225388164
+    assert sample(text, "ollama_model_context_length", model="qwen3:8b") == 40960
+    assert sample(text, "ollama_model_parameters", model="qwen3:8b") == 8190735360
+    assert sample(text, "ollama_model_capability", model="qwen3:8b", capability="thinking") == 1
+    assert sample(text, "ollama_loaded_model_size_bytes", model="qwen3:8b") == 6423527424
+    assert sample(text, "ollama_loaded_model_vram_bytes", model="qwen3:8b") == 5333539264
+    assert sample(text, "ollama_loaded_model_expiry_timestamp_seconds", model="qwen3:8b") == 1790842784.557263
+    assert sample(text, "ollama_loaded_model_expiry_timestamp_seconds", model="old:latest") > 1.1e10
+    assert sample(text, "ollama_loaded_model_context_length", model="qwen3:8b") == 32768
+    assert sample(text, "ollama_model_loads_total", model="qwen3:8b") == 2
+    assert sample(text, "ollama_model_unloads_total", model="qwen3:8b") == 1
+    assert sample(text, "ollama_exporter_source_up", source="ps") == 0
+    assert sample(text, "ollama_exporter_source_duration_seconds", source="ps") == 5.0
+    assert sample(text, "ollama_exporter_source_last_success_timestamp_seconds", source="ps") == 1789999000.0
+    assert sample(text, "ollama_exporter_source_errors_total", source="ps", reason="timeout") == 3
+    assert sample(text, "ollama_exporter_build_info", version=metrics.__version__) == 1
+
+
+def test_unknown_values_are_left_out_not_exported_as_zero():
+    text = text_of(rich_snapshot())
+    # the pre-v0.1.42 ps row has no size_vram or context_length; zephyr has no /api/show info
+    assert sample(text, "ollama_loaded_model_vram_bytes", model="old:latest") is None
+    assert sample(text, "ollama_loaded_model_context_length", model="old:latest") is None
+    assert sample(text, "ollama_model_context_length", model="zephyr:latest") is None
+    assert sample(text, "ollama_model_parameters", model="zephyr:latest") is None
+    assert "capability=" not in "".join(l for l in text.splitlines() if "zephyr" in l)
+    # a source that never succeeded has no last-success timestamp
+    assert sample(text, "ollama_exporter_source_last_success_timestamp_seconds", source="tags") is None
+
+
+def test_every_help_text_names_its_source_and_every_name_follows_conventions():
+    for name, d in metrics.DEFS.items():
+        assert name.startswith("ollama_")
+        assert (d.kind == "counter") == name.endswith("_total"), name
+        assert d.help and d.help.endswith("."), name
+        if not name.startswith("ollama_exporter_") and name not in ("ollama_up",):
+            assert "/api/" in d.help, f"{name}: help must say which API field it comes from"
+        if "timestamp" in name:
+            assert name.endswith("_timestamp_seconds")
+
+
+def test_promtool_finds_nothing_to_report(promtool):
+    snapshot = rich_snapshot()
+    text, _ = render(snapshot, runtime=runtime_registry())
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert result.returncode == 0 and result.stdout == b"" and result.stderr == b"", result
+
+
+def test_openmetrics_output_parses_and_has_eof():
+    body, content_type = render(rich_snapshot(), "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+
+    names = {f.name for f in om_parse(body.decode())}
+    assert {"ollama_up", "ollama_model_loads", "ollama_loaded_model_vram_bytes"} <= names
+
+
+def test_exposition_renders_once_per_snapshot_and_serves_every_variant():
+    calls = []
+    original = metrics.collect
+
+    def counting(snapshot):
+        calls.append(snapshot)
+        return original(snapshot)
+
+    metrics.collect = counting
+    try:
+        exp = Exposition()
+        exp.update(rich_snapshot())
+        for _ in range(50):
+            plain, ctype, gz = exp.get("", "")
+            zipped, _, gz2 = exp.get("", "gzip, deflate")
+            om, om_type, _ = exp.get("application/openmetrics-text; version=1.0.0", "")
+        assert len(calls) == 1  # fifty scrapes of three variants, one collect
+        assert not gz and gz2 and gzip.decompress(zipped) == plain
+        assert ctype.startswith("text/plain; version=0.0.4") and om_type.startswith("application/openmetrics-text")
+        assert sample(plain.decode(), "ollama_up") == 1 and b"# EOF" in om
+        exp.update(Snapshot.empty(1.0))
+        assert len(calls) == 2 and sample(exp.get()[0].decode(), "ollama_up") == 0
+    finally:
+        metrics.collect = original
+
+
+def test_families_parse_back_without_duplicates():
+    seen = set()
+    for family in text_string_to_metric_families(text_of(rich_snapshot())):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in seen, key
+            seen.add(key)
