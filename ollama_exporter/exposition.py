@@ -63,6 +63,7 @@ class Exposition:
         self._snapshot = Snapshot.empty()
         self._cache: dict[tuple[str, bool], bytes] = {}
         self._families: list = []
+        self.update(Snapshot.empty())  # until the first poll: ollama_up 0 and the exporter's own metrics
 
     @property
     def snapshot(self) -> Snapshot:

@@ -38,6 +38,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"ollama-exporter/{__version__}"
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes; without TCP_NODELAY, Nagle plus the client's delayed
+        # ACK holds the body back ~40 ms on every keep-alive request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._route(head=False)
 

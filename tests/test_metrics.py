@@ -120,6 +120,7 @@ def test_exposition_renders_once_per_snapshot_and_serves_every_variant():
     metrics.collect = counting
     try:
         exp = Exposition()
+        calls.clear()  # the placeholder rendered at construction
         exp.update(rich_snapshot())
         for _ in range(50):
             plain, ctype, gz = exp.get("", "")
