@@ -1,0 +1,32 @@
+"""The README stays true: every metric and config key is documented, and CI runs the README's test command."""
+
+from __future__ import annotations
+
+import re
+
+from ollama_exporter.config import KEYS, flag_name
+from ollama_exporter.metrics import DEFS
+from tests.conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def test_every_metric_is_in_the_readme_table_with_its_type_and_labels():
+    rows = {m.group(1): m for m in re.finditer(r"^\| `([a-z_]+)` \| (\w+) \| ([^|]*) \|", README, re.MULTILINE)}
+    for name, d in DEFS.items():
+        assert name in rows, f"{name} is not in the README's metrics table"
+        assert rows[name].group(2) == d.kind, name
+        labels = rows[name].group(3).strip()
+        assert labels == (", ".join(d.labels) or "—"), f"{name}: README says labels {labels!r}"
+
+
+def test_every_config_key_and_flag_is_in_the_readme():
+    for key in KEYS:
+        assert f"`{key.name}`" in README and f"`{flag_name(key)}`" in README, key.name
+
+
+def test_ci_runs_the_readme_test_command():
+    blocks = re.findall(r"```sh\n(.*?)\n```", README, re.DOTALL)
+    assert len(blocks) == 2, "the README holds exactly two set-up commands"
+    test_command = blocks[1].strip()
+    assert test_command in (REPO / ".ci" / "run").read_text()
