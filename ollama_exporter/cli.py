@@ -16,7 +16,7 @@ import click
 
 from ollama_exporter import __version__
 from ollama_exporter.config import KEYS, Config, ConfigError, build_config, flag_name
-from ollama_exporter.exposition import Exposition, render, runtime_registry
+from ollama_exporter.exposition import Exposition, render
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
 from ollama_exporter.server import MetricsServer
@@ -71,7 +71,7 @@ def main(config_file: Optional[str], once: bool, **options: Any) -> None:
 
 def serve(config: Config, poller: Poller) -> None:
     """Run the poll loop and the HTTP server until SIGTERM or SIGINT."""
-    exposition = Exposition(runtime_registry())
+    exposition = Exposition()
     poller.subscribe(exposition.update)
     host, port = config.listen
     try:

@@ -8,9 +8,10 @@ installed loses its gauges on the next poll; counters keep their series (they ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ollama_exporter import __version__
 from ollama_exporter.snapshot import Snapshot
@@ -81,6 +82,23 @@ DEFS = {d.name: d for d in (
     Def("ollama_exporter_snapshot_timestamp_seconds", "gauge",
         "When the poll that produced these metrics finished."),
 )}
+
+
+class SnapshotCollector(Collector):
+    """A prometheus_client collector over whatever snapshot `latest` returns.
+
+    describe() lists the families without touching any snapshot, so registering the collector (which
+    calls describe) never waits on Ollama; collect() builds fresh families from the snapshot each time.
+    """
+
+    def __init__(self, latest: Callable[[], Snapshot]):
+        self._latest = latest
+
+    def describe(self) -> Iterator[Metric]:
+        return (d.family() for d in DEFS.values())
+
+    def collect(self) -> Iterator[Metric]:
+        return collect(self._latest())
 
 
 def _families(*names: str) -> list[Metric]:

@@ -8,7 +8,9 @@ import subprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from ollama_exporter import metrics
-from ollama_exporter.exposition import Exposition, render, runtime_registry
+from prometheus_client import CollectorRegistry
+
+from ollama_exporter.exposition import Exposition, render
 from ollama_exporter.ollama import parse_loaded
 from ollama_exporter.snapshot import InstalledModel, ModelDetails, ShowInfo, Snapshot, SourceStatus, frozen_map
 from tests.conftest import sample
@@ -93,8 +95,9 @@ def test_every_help_text_names_its_source_and_every_name_follows_conventions():
 
 
 def test_promtool_finds_nothing_to_report(promtool):
-    snapshot = rich_snapshot()
-    text, _ = render(snapshot, runtime=runtime_registry())
+    exposition = Exposition()  # what the daemon serves: snapshot metrics plus process/python metrics
+    exposition.update(rich_snapshot())
+    text = exposition.get()[0]
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert result.returncode == 0 and result.stdout == b"" and result.stderr == b"", result
 
@@ -126,12 +129,12 @@ def test_exposition_renders_once_per_snapshot_and_serves_every_variant():
             plain, ctype, gz = exp.get("", "")
             zipped, _, gz2 = exp.get("", "gzip, deflate")
             om, om_type, _ = exp.get("application/openmetrics-text; version=1.0.0", "")
-        assert len(calls) == 1  # fifty scrapes of three variants, one collect
+        assert len(calls) == 2  # fifty scrapes of three variants: text at update, OpenMetrics on first ask
         assert not gz and gz2 and gzip.decompress(zipped) == plain
         assert ctype.startswith("text/plain; version=0.0.4") and om_type.startswith("application/openmetrics-text")
         assert sample(plain.decode(), "ollama_up") == 1 and b"# EOF" in om
         exp.update(Snapshot.empty(1.0))
-        assert len(calls) == 2 and sample(exp.get()[0].decode(), "ollama_up") == 0
+        assert len(calls) == 3 and sample(exp.get()[0].decode(), "ollama_up") == 0
     finally:
         metrics.collect = original
 
@@ -143,3 +146,13 @@ def test_families_parse_back_without_duplicates():
             key = (s.name, tuple(sorted(s.labels.items())))
             assert key not in seen, key
             seen.add(key)
+
+
+def test_registering_the_collector_never_reads_a_snapshot():
+    def latest():
+        raise AssertionError("describe() must not need a snapshot (it would mean polling Ollama)")
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(metrics.SnapshotCollector(latest))
+    described = {f.name for f in metrics.SnapshotCollector(latest).describe()}
+    assert {"ollama_up", "ollama_model_loads", "ollama_exporter_source_errors"} <= described
