@@ -17,9 +17,11 @@ import click
 from ollama_exporter import __version__
 from ollama_exporter.config import KEYS, Config, ConfigError, build_config, flag_name
 from ollama_exporter.exposition import Exposition, render
+from ollama_exporter.gpu import GpuSource
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
 from ollama_exporter.server import MetricsServer
+from ollama_exporter.snapshot import GpuState, SourceError
 
 log = logging.getLogger("ollama_exporter")
 
@@ -61,12 +63,31 @@ def main(config_file: Optional[str], once: bool, **options: Any) -> None:
     config = load_config(config_file, options)
     setup_logging(config.log_level)
     client = OllamaClient(config.ollama_url, config.ollama_timeout)
-    poller = Poller(client, config.poll_interval)
+    gpu, gpu_off_state = make_gpu_source(config)
+    poller = Poller(client, config.poll_interval, gpu=gpu, gpu_off_state=gpu_off_state)
     if once:
         body, _ = render(poller.poll_once())
         click.echo(body.decode(), nl=False)
         return
     serve(config, poller)
+
+
+def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuState]]:
+    """The GPU source for gpu.enabled, or what the snapshot says instead: nothing (false) or nvml_up 0."""
+    if config.gpu_enabled == "false":
+        return None, None
+    source = GpuSource(config.poll_interval)
+    try:
+        source.start()
+    except SourceError as exc:
+        if config.gpu_enabled == "true":
+            click.echo(f"ollama-exporter: error: gpu.enabled is true but NVML cannot be used: {exc}", err=True)
+            sys.exit(2)
+        if exc.reason == "library_not_found":
+            log.info("running without GPU metrics: %s", exc)
+            return None, GpuState(nvml_up=False)
+        log.warning("NVML is not ready, retrying with backoff: %s", exc)
+    return source, None
 
 
 def serve(config: Config, poller: Poller) -> None:

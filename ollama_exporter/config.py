@@ -34,6 +34,7 @@ class Config:
     poll_interval: float = 5.0
     web_listen_address: str = ":9778"
     log_level: str = "info"
+    gpu_enabled: str = "auto"
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -119,6 +120,13 @@ def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     return parse
 
 
+def _parse_auto_bool(key: str, value: Any) -> str:
+    """auto, true or false; YAML booleans are accepted too."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _parse_choice(("auto", "true", "false"))(key, value)
+
+
 def url_from_ollama_host(value: str) -> str:
     """Read OLLAMA_HOST the way Ollama's own CLI does (envconfig.Host).
 
@@ -190,6 +198,9 @@ KEYS: tuple[Key, ...] = (
         "Address to serve /metrics on: [host]:port. Default: :9778 (all interfaces).", "ADDRESS"),
     Key("log.level", "log_level", _parse_choice(LOG_LEVELS),
         "Log level: debug, info, warning or error. Default: info.", "LEVEL"),
+    Key("gpu.enabled", "gpu_enabled", _parse_auto_bool,
+        "NVIDIA GPU metrics through NVML: auto (use it if the library loads), true (required) or false. "
+        "Default: auto.", "auto|true|false"),
 )
 KEYS_BY_NAME = {k.name: k for k in KEYS}
 

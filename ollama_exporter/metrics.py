@@ -30,6 +30,8 @@ class Def:
 
 
 M = "model"
+G = ("gpu", "uuid")
+MIG = G + ("gpu_instance", "mig_uuid")
 DEFS = {d.name: d for d in (
     # Ollama server
     Def("ollama_up", "gauge",
@@ -81,6 +83,53 @@ DEFS = {d.name: d for d in (
         ("source", "reason")),
     Def("ollama_exporter_snapshot_timestamp_seconds", "gauge",
         "When the poll that produced these metrics finished."),
+    # NVIDIA GPUs through NVML
+    Def("ollama_gpu_nvml_up", "gauge",
+        "1 if NVML (libnvidia-ml) is loaded and initialised and the last GPU sample completed, else 0."),
+    Def("ollama_gpu_info", "gauge", "GPU identity from NVML (name, PCI bus id, driver version); always 1.",
+        G + ("name", "pci_bus_id", "driver_version")),
+    Def("ollama_gpu_up", "gauge", "1 if NVML answered for this GPU in the last sample, 0 if it is lost.", G),
+    Def("ollama_gpu_memory_total_bytes", "gauge", "Total GPU memory, from nvmlDeviceGetMemoryInfo.", G),
+    Def("ollama_gpu_memory_used_bytes", "gauge",
+        "Used GPU memory, from nvmlDeviceGetMemoryInfo v2 (v1 on old drivers, which counts reserved memory).", G),
+    Def("ollama_gpu_memory_free_bytes", "gauge", "Free GPU memory, from nvmlDeviceGetMemoryInfo.", G),
+    Def("ollama_gpu_memory_reserved_bytes", "gauge",
+        "GPU memory reserved by the driver, from nvmlDeviceGetMemoryInfo v2.", G),
+    Def("ollama_gpu_utilization_ratio", "gauge",
+        "Fraction of the last sample period in which a kernel ran, from nvmlDeviceGetUtilizationRates gpu.", G),
+    Def("ollama_gpu_memory_activity_ratio", "gauge",
+        "Fraction of the last sample period the memory controller was busy (not capacity), "
+        "from nvmlDeviceGetUtilizationRates memory.", G),
+    Def("ollama_gpu_temperature_celsius", "gauge", "GPU core temperature, from nvmlDeviceGetTemperature.", G),
+    Def("ollama_gpu_power_watts", "gauge", "Power draw, from nvmlDeviceGetPowerUsage (mW).", G),
+    Def("ollama_gpu_power_limit_watts", "gauge", "Enforced power limit, from nvmlDeviceGetEnforcedPowerLimit.", G),
+    Def("ollama_gpu_energy_joules_total", "counter",
+        "Energy used since the driver loaded, from nvmlDeviceGetTotalEnergyConsumption (mJ).", G),
+    Def("ollama_gpu_clock_hertz", "gauge", "Current clock, from nvmlDeviceGetClockInfo (MHz).", G + ("clock",)),
+    Def("ollama_gpu_performance_state", "gauge",
+        "Performance state P0 (max) to P15, from nvmlDeviceGetPerformanceState.", G),
+    Def("ollama_gpu_fan_speed_ratio", "gauge",
+        "Fan speed as a fraction of its maximum (may exceed 1), from nvmlDeviceGetFanSpeed.", G),
+    Def("ollama_gpu_throttle_active", "gauge",
+        "1 if this clock-event (throttle) reason is active, from nvmlDeviceGetCurrentClocksEventReasons.",
+        G + ("reason",)),
+    Def("ollama_gpu_ecc_errors_total", "counter",
+        "ECC memory errors since the driver loaded, from nvmlDeviceGetTotalEccErrors (volatile).", G + ("error",)),
+    Def("ollama_gpu_mig_memory_total_bytes", "gauge",
+        "Total memory of a MIG instance, from nvmlDeviceGetMemoryInfo on its MIG handle.", MIG),
+    Def("ollama_gpu_mig_memory_used_bytes", "gauge",
+        "Used memory of a MIG instance, from nvmlDeviceGetMemoryInfo on its MIG handle.", MIG),
+    Def("ollama_gpu_mig_memory_free_bytes", "gauge",
+        "Free memory of a MIG instance, from nvmlDeviceGetMemoryInfo on its MIG handle.", MIG),
+    Def("ollama_gpu_processes", "gauge",
+        "Compute processes on this GPU (its MIG instances included), from nvmlDeviceGetComputeRunningProcesses.", G),
+    Def("ollama_loaded_model_gpu_memory_bytes", "gauge",
+        "GPU memory the driver reports for this model's runner process (NVML usedGpuMemory), matched through "
+        "the runner's --model blob and /api/show's FROM line; includes the CUDA context, so it exceeds "
+        "/api/ps size_vram.", (M, "gpu", "uuid")),
+    Def("ollama_exporter_gpu_processes_unattributed", "gauge",
+        "GPU compute processes not attributed to a model, by reason: unreadable (no /proc/<pid>/cmdline, e.g. "
+        "another PID namespace), loading (runner not in /api/ps yet), other (not an Ollama runner).", ("reason",)),
 )}
 
 
@@ -115,6 +164,8 @@ def collect(snapshot: Snapshot) -> Iterator[Metric]:
     yield from _installed(snapshot)
     yield from _loaded(snapshot)
     yield from _exporter(snapshot)
+    if snapshot.gpu is not None:
+        yield from _gpu(snapshot)
 
 
 def _server(s: Snapshot) -> Iterable[Metric]:
@@ -178,3 +229,53 @@ def _exporter(s: Snapshot) -> Iterable[Metric]:
     if s.ready:
         ts.add_metric([], s.timestamp)
     return build, up, duration, last, errors, ts
+
+
+# (metric, GpuDevice attribute) for the plain per-GPU gauges and counters
+_GPU_VALUES = (
+    ("ollama_gpu_memory_total_bytes", "memory_total"), ("ollama_gpu_memory_used_bytes", "memory_used"),
+    ("ollama_gpu_memory_free_bytes", "memory_free"), ("ollama_gpu_memory_reserved_bytes", "memory_reserved"),
+    ("ollama_gpu_utilization_ratio", "utilization"), ("ollama_gpu_memory_activity_ratio", "memory_activity"),
+    ("ollama_gpu_temperature_celsius", "temperature"), ("ollama_gpu_power_watts", "power"),
+    ("ollama_gpu_power_limit_watts", "power_limit"), ("ollama_gpu_energy_joules_total", "energy"),
+    ("ollama_gpu_performance_state", "performance_state"), ("ollama_gpu_fan_speed_ratio", "fan_speed"),
+)
+
+
+def _gpu(s: Snapshot) -> Iterable[Metric]:
+    gpu = s.gpu
+    nvml_up, info, up, clock, throttle, ecc, procs, model_mem, unattributed = _families(
+        "ollama_gpu_nvml_up", "ollama_gpu_info", "ollama_gpu_up", "ollama_gpu_clock_hertz",
+        "ollama_gpu_throttle_active", "ollama_gpu_ecc_errors_total", "ollama_gpu_processes",
+        "ollama_loaded_model_gpu_memory_bytes", "ollama_exporter_gpu_processes_unattributed")
+    values = {name: DEFS[name].family() for name, _ in _GPU_VALUES}
+    mig = _families("ollama_gpu_mig_memory_total_bytes", "ollama_gpu_mig_memory_used_bytes",
+                    "ollama_gpu_mig_memory_free_bytes")
+    nvml_up.add_metric([], 1.0 if gpu.nvml_up else 0.0)
+    if not gpu.devices:
+        return [nvml_up]  # no GPU known: say only that, not a page of empty families
+    for d in gpu.devices:
+        g = [str(d.index), d.uuid]
+        info.add_metric(g + [d.name, d.pci_bus_id, gpu.driver_version], 1.0)
+        up.add_metric(g, 1.0 if d.up else 0.0)
+        if not d.up:
+            continue
+        for name, attr in _GPU_VALUES:
+            if _opt(getattr(d, attr)):
+                values[name].add_metric(g, getattr(d, attr))
+        for name, hertz in d.clocks:
+            clock.add_metric(g + [name], hertz)
+        for reason, active in d.throttle:
+            throttle.add_metric(g + [reason], 1.0 if active else 0.0)
+        for kind, count in d.ecc_errors:
+            ecc.add_metric(g + [kind], count)
+        for m in d.mig:
+            for family, value in zip(mig, (m.memory_total, m.memory_used, m.memory_free)):
+                if _opt(value):
+                    family.add_metric(g + [str(m.gpu_instance), m.uuid], value)
+        procs.add_metric(g, len(d.processes))
+    for row in s.model_gpu_memory:
+        model_mem.add_metric([row.model, row.gpu, row.uuid], row.bytes)
+    for reason, count in sorted(s.gpu_unattributed.items()):
+        unattributed.add_metric([reason], count)
+    return [nvml_up, info, up, *values.values(), clock, throttle, ecc, *mig, procs, model_mem, unattributed]

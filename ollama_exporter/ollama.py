@@ -18,18 +18,14 @@ import requests
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
 from ollama_exporter import __version__
-from ollama_exporter.snapshot import InstalledModel, LoadedModel, ModelDetails, ShowInfo
+from ollama_exporter.snapshot import InstalledModel, LoadedModel, ModelDetails, ShowInfo, SourceError
 
 USER_AGENT = f"ollama-exporter/{__version__}"
 MAX_BODY_BYTES = 64 * 1024 * 1024  # /api/show with tensors can be a few MB; anything this big is wrong
 
 
-class OllamaError(Exception):
+class OllamaError(SourceError):
     """A failed call; `reason` is one of snapshot.ERROR_REASONS."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 class OllamaClient:

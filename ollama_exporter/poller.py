@@ -19,20 +19,26 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
-from ollama_exporter.ollama import OllamaClient, OllamaError
+from ollama_exporter import runners
+from ollama_exporter.gpu import GpuSource
+from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.snapshot import (
     ERROR_REASONS,
+    GPU_ERROR_REASONS,
+    GpuDevice,
+    GpuState,
     InstalledModel,
     LoadedModel,
     ShowInfo,
     Snapshot,
+    SourceError,
     SourceStatus,
     frozen_map,
 )
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("version", "ps", "tags", "show")
+SOURCES = ("version", "ps", "tags", "show", "gpu")
 SHOW_CONCURRENCY = 4
 SHOW_RETRY_MAX_SECONDS = 300.0
 
@@ -40,55 +46,68 @@ SHOW_RETRY_MAX_SECONDS = 300.0
 @dataclass
 class Outcome:
     value: Any = None
-    error: Optional[OllamaError] = None
+    error: Optional[SourceError] = None
     duration: float = 0.0
 
 
 class _Call:
     """One source call in a daemon thread; `wait` returns its Outcome or a timeout at the deadline."""
 
-    def __init__(self, key: str, fn: Callable[[], Any], busy: dict[str, threading.Thread]):
+    def __init__(self, key: str, fn: Callable[[], Any], busy: dict[str, threading.Thread],
+                 unexpected: str = "invalid_response"):
         self.key, self.outcome, self.started = key, Outcome(), time.monotonic()
         self.thread: Optional[threading.Thread] = None
         previous = busy.get(key)
         if previous is not None and previous.is_alive():
-            self.outcome.error = OllamaError("timeout", f"{key}: the previous call has still not returned")
+            self.outcome.error = SourceError("timeout", f"{key}: the previous call has still not returned")
             return
-        self.thread = threading.Thread(target=self._run, args=(fn,), name=f"poll-{key}", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(fn, unexpected), name=f"poll-{key}", daemon=True)
         busy[key] = self.thread
         self.thread.start()
 
-    def _run(self, fn: Callable[[], Any]) -> None:
+    def _run(self, fn: Callable[[], Any], unexpected: str) -> None:
         try:
             self.outcome.value = fn()
-        except OllamaError as exc:
+        except SourceError as exc:
             self.outcome.error = exc
-        except Exception as exc:  # a parser bug must not kill the loop; report it as a bad answer
+        except Exception as exc:  # a bug must not kill the loop; report it under the source's catch-all reason
             log.exception("unexpected error in %s", self.key)
-            self.outcome.error = OllamaError("invalid_response", f"{self.key}: {exc}")
+            self.outcome.error = SourceError(unexpected, f"{self.key}: {exc}")
         self.outcome.duration = time.monotonic() - self.started
 
     def wait(self, deadline: float) -> Outcome:
         if self.thread is not None:
             self.thread.join(max(0.0, deadline - time.monotonic()))
             if self.thread.is_alive():
-                return Outcome(error=OllamaError("timeout", f"{self.key}: no answer before the poll deadline"),
+                return Outcome(error=SourceError("timeout", f"{self.key}: no answer before the poll deadline"),
                                duration=time.monotonic() - self.started)
         return self.outcome
 
 
 class Poller:
-    def __init__(self, client: OllamaClient, interval: float, clock: Callable[[], float] = time.time):
+    """Polls Ollama (and the GPU, when `gpu` is given) and publishes a Snapshot per poll.
+
+    `gpu_off_state` is what the snapshot carries when there is no GPU source: None when GPU metrics are
+    disabled, GpuState(nvml_up=False) when they were wanted but NVML is not on this machine.
+    """
+
+    def __init__(self, client: OllamaClient, interval: float, clock: Callable[[], float] = time.time,
+                 gpu: Optional[GpuSource] = None, gpu_off_state: Optional[GpuState] = None):
         self.client = client
         self.interval = interval
         self.clock = clock
+        self.gpu = gpu
+        self.gpu_off_state = gpu_off_state
+        self._last_gpu: Optional[GpuState] = None
         self._snapshot = Snapshot.empty()
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._busy: dict[str, threading.Thread] = {}  # source -> its call's thread, to avoid pile-ups
         self._show_cache: dict[str, ShowInfo] = {}
         self._show_retry: dict[str, tuple[float, float]] = {}  # digest -> (retry at, backoff)
         self._status: dict[str, SourceStatus] = {}
-        self._errors: Counter = Counter({(s, r): 0 for s in SOURCES for r in ERROR_REASONS})
+        self._errors: Counter = Counter({(s, r): 0 for s in SOURCES[:4] for r in ERROR_REASONS})
+        if gpu is not None:
+            self._errors.update({("gpu", r): 0 for r in GPU_ERROR_REASONS})
         self._loads: Counter = Counter()
         self._unloads: Counter = Counter()
         self._previous_loaded: Optional[dict[str, tuple]] = None
@@ -120,6 +139,8 @@ class Poller:
             "ps": _Call("ps", self.client.ps, self._busy),
             "tags": _Call("tags", self.client.tags, self._busy),
         }
+        if self.gpu is not None:
+            calls["gpu"] = _Call("gpu", self.gpu.sample, self._busy, unexpected="unknown")
         outcomes = {name: call.wait(deadline) for name, call in calls.items()}
         now = self.clock()
         for name, outcome in outcomes.items():
@@ -142,6 +163,12 @@ class Poller:
             self._loads[name] += 0
             self._unloads[name] += 0
 
+        gpu = self._gpu_state(outcomes.get("gpu"))
+        model_gpu, unattributed = (), {}
+        if gpu is not None and gpu.nvml_up and outcomes["ps"].error is None:
+            processes = [p for d in gpu.devices for p in d.processes]
+            model_gpu, unattributed = runners.attribute(processes, loaded, installed)
+
         snapshot = Snapshot(
             timestamp=now,
             ready=True,
@@ -153,6 +180,9 @@ class Poller:
             loads_total=frozen_map(self._loads),
             unloads_total=frozen_map(self._unloads),
             errors_total=frozen_map(self._errors),
+            gpu=gpu,
+            model_gpu_memory=model_gpu,
+            gpu_unattributed=frozen_map(unattributed),
         )
         self._snapshot = snapshot
         for listener in self._listeners:
@@ -160,6 +190,19 @@ class Poller:
         return snapshot
 
     # --- helpers ---
+
+    def _gpu_state(self, outcome: Optional[Outcome]) -> Optional[GpuState]:
+        """This poll's GPU state; after a failed sample, the GPUs last seen are reported down."""
+        if outcome is None:
+            return self.gpu_off_state
+        if outcome.error is None:
+            self._last_gpu = outcome.value
+            for reason in outcome.value.errors:
+                self._errors[("gpu", reason)] += 1
+            return outcome.value
+        last = self._last_gpu.devices if self._last_gpu else ()
+        return GpuState(nvml_up=False, driver_version=self._last_gpu.driver_version if self._last_gpu else "",
+                        devices=tuple(GpuDevice(d.index, d.uuid, d.name, d.pci_bus_id, up=False) for d in last))
 
     def _record(self, name: str, outcome: Outcome, now: float) -> None:
         previous = self._status.get(name)

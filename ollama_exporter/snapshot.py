@@ -11,8 +11,18 @@ from dataclasses import astuple, dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Optional
 
-# Error reasons a source can report; a small fixed set so the errors counter stays bounded.
+# Error reasons each source can report; small fixed sets so the errors counter stays bounded.
 ERROR_REASONS = ("timeout", "connection", "http_4xx", "http_5xx", "invalid_response")
+GPU_ERROR_REASONS = ("library_not_found", "driver_not_loaded", "no_permission", "gpu_lost", "version_mismatch",
+                     "timeout", "unknown")
+
+
+class SourceError(Exception):
+    """A failed read of one source; `reason` is one of that source's fixed reasons."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,73 @@ class SourceStatus:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class GpuProcess:
+    """A compute process NVML lists on a GPU (or MIG instance), with what its argv says it serves."""
+
+    pid: int
+    gpu: str  # NVML index of the physical GPU
+    uuid: str  # of the physical GPU
+    used_bytes: Optional[int]
+    ref: Optional[str]  # runners.model_ref(argv): "blob:<hex>", "name:<model>", "" (no model); None: unreadable
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    gpu_instance: int
+    compute_instance: int
+    uuid: str
+    memory_total: Optional[int] = None
+    memory_used: Optional[int] = None
+    memory_free: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """One physical GPU as NVML saw it in one sample; None means the GPU does not support that field."""
+
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str
+    up: bool  # False: NVML says the GPU is lost (or the sample failed); only identity is kept
+    memory_total: Optional[int] = None
+    memory_used: Optional[int] = None
+    memory_free: Optional[int] = None
+    memory_reserved: Optional[int] = None
+    utilization: Optional[float] = None  # ratio 0-1
+    memory_activity: Optional[float] = None  # ratio 0-1
+    temperature: Optional[float] = None  # celsius
+    power: Optional[float] = None  # watts
+    power_limit: Optional[float] = None  # watts
+    energy: Optional[float] = None  # joules since driver load
+    clocks: tuple[tuple[str, float], ...] = ()  # (clock, hertz)
+    performance_state: Optional[int] = None
+    fan_speed: Optional[float] = None  # ratio of max, may exceed 1
+    throttle: tuple[tuple[str, bool], ...] = ()  # (reason, active)
+    ecc_errors: tuple[tuple[str, int], ...] = ()  # (corrected|uncorrected, volatile count)
+    mig: tuple[MigInstance, ...] = ()
+    processes: tuple[GpuProcess, ...] = ()
+
+
+@dataclass(frozen=True)
+class GpuState:
+    nvml_up: bool  # the library is loaded and initialised
+    driver_version: str = ""
+    devices: tuple[GpuDevice, ...] = ()
+    errors: tuple[str, ...] = ()  # reasons of per-device failures in this sample, for the errors counter
+
+
+@dataclass(frozen=True)
+class ModelGpuMemory:
+    """GPU memory the driver attributes to a loaded model's runner on one GPU."""
+
+    model: str
+    gpu: str
+    uuid: str
+    bytes: int
+
+
 def frozen_map(data: Mapping) -> Mapping:
     return MappingProxyType(dict(data))
 
@@ -110,6 +187,9 @@ class Snapshot:
     loads_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     unloads_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     errors_total: Mapping[tuple[str, str], int] = field(default_factory=lambda: frozen_map({}))
+    gpu: Optional[GpuState] = None  # None: GPU source disabled
+    model_gpu_memory: tuple[ModelGpuMemory, ...] = ()
+    gpu_unattributed: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
 
     @classmethod
     def empty(cls, timestamp: float = 0.0) -> "Snapshot":
