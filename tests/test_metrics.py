@@ -88,7 +88,9 @@ def test_every_help_text_names_its_source_and_every_name_follows_conventions():
         assert name.startswith("ollama_")
         assert (d.kind == "counter") == name.endswith("_total"), name
         assert d.help and d.help.endswith("."), name
-        if not name.startswith("ollama_exporter_") and name not in ("ollama_up",):
+        if "gpu" in name and not name.startswith("ollama_exporter_"):
+            assert "nvml" in d.help.lower(), f"{name}: help must say which NVML call it comes from"
+        elif not name.startswith("ollama_exporter_") and name not in ("ollama_up",):
             assert "/api/" in d.help, f"{name}: help must say which API field it comes from"
         if "timestamp" in name:
             assert name.endswith("_timestamp_seconds")
