@@ -20,6 +20,7 @@ from ollama_exporter.exposition import Exposition, render
 from ollama_exporter.gpu import GpuSource
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
+from ollama_exporter.prober import Prober
 from ollama_exporter.server import MetricsServer
 from ollama_exporter.snapshot import GpuState, SourceError
 
@@ -31,7 +32,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def _config_options(func):
     """Attach one flag per config key, each defaulting to None so we know which were given."""
     for key in reversed(KEYS):
-        func = click.option(flag_name(key), key.field, default=None, metavar=key.metavar, help=key.help)(func)
+        if key.is_flag:
+            negative = "--no-" + flag_name(key)[2:]
+            func = click.option(f"{flag_name(key)}/{negative}", key.field, default=None, help=key.help)(func)
+        else:
+            func = click.option(flag_name(key), key.field, default=None, metavar=key.metavar, help=key.help)(func)
     return click.option("--config.file", "config_file", default=None, metavar="FILE",
                         help="YAML configuration file; flags override its values.")(func)
 
@@ -54,12 +59,18 @@ def setup_logging(level: str) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
-@click.command(context_settings=CONTEXT)
+@click.group(context_settings=CONTEXT, invoke_without_command=True)
 @_config_options
 @click.option("--once", is_flag=True, help="Poll once, print the metrics to stdout and exit.")
 @click.version_option(__version__, "--version", prog_name="ollama-exporter")
-def main(config_file: Optional[str], once: bool, **options: Any) -> None:
-    """Prometheus exporter for Ollama: polls Ollama's API and serves the results on /metrics."""
+@click.pass_context
+def main(ctx: click.Context, config_file: Optional[str], once: bool, **options: Any) -> None:
+    """Prometheus exporter for Ollama: polls Ollama's API and serves the results on /metrics.
+
+    `ollama-exporter probe` measures latency once and prints a table instead.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     config = load_config(config_file, options)
     setup_logging(config.log_level)
     client = OllamaClient(config.ollama_url, config.ollama_timeout)
@@ -69,7 +80,25 @@ def main(config_file: Optional[str], once: bool, **options: Any) -> None:
         body, _ = render(poller.poll_once())
         click.echo(body.decode(), nl=False)
         return
-    serve(config, poller)
+    serve(config, poller, client)
+
+
+@main.command(context_settings=CONTEXT)
+@_config_options
+@click.option("--model", "models", multiple=True, metavar="MODEL",
+              help="Model to probe (repeatable). Default: probes.models, else every resident model.")
+@click.option("--count", default=1, show_default=True, type=click.IntRange(1, 1000), help="Probes per model.")
+def probe(config_file: Optional[str], models: tuple[str, ...], count: int, **options: Any) -> None:
+    """Probe models now and print TTFT, TPOT, end-to-end time and Ollama's own timings.
+
+    Like the daemon's probes it never loads a model that is not loaded (unless probes.allow_cold_load)
+    and never sends keep_alive; unlike them it ignores the idle gate, since you asked.
+    """
+    from ollama_exporter.probe_table import run_probe_command
+
+    config = load_config(config_file, options)
+    setup_logging("warning" if config.log_level == "info" else config.log_level)
+    sys.exit(run_probe_command(config, models, count, click.echo))
 
 
 def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuState]]:
@@ -90,8 +119,8 @@ def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuSt
     return source, None
 
 
-def serve(config: Config, poller: Poller) -> None:
-    """Run the poll loop and the HTTP server until SIGTERM or SIGINT."""
+def serve(config: Config, poller: Poller, client: OllamaClient) -> None:
+    """Run the poll loop, the prober and the HTTP server until SIGTERM or SIGINT."""
     exposition = Exposition()
     poller.subscribe(exposition.update)
     host, port = config.listen
@@ -106,6 +135,10 @@ def serve(config: Config, poller: Poller) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     threading.Thread(target=poller.run, args=(stop,), name="poller", daemon=True).start()
+    if config.probes_enabled:
+        prober = Prober(client, config, lambda: poller.snapshot)
+        poller.probe_stats = prober.stats
+        threading.Thread(target=prober.run, args=(stop,), name="prober", daemon=True).start()
     server.start()
     log.info("ollama-exporter %s polling %s every %gs, listening on %s", __version__, config.ollama_url,
              config.poll_interval, config.web_listen_address)

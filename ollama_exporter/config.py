@@ -35,6 +35,15 @@ class Config:
     web_listen_address: str = ":9778"
     log_level: str = "info"
     gpu_enabled: str = "auto"
+    probes_enabled: bool = True
+    probes_interval: float = 30.0
+    probes_timeout: float = 60.0
+    probes_models: tuple[str, ...] = ()
+    probes_prompt: str = "Count from one to twenty, separated by spaces."
+    probes_num_predict: int = 16
+    probes_concurrency: int = 2
+    probes_allow_cold_load: bool = False
+    probes_idle_models: str = "skip"
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -127,6 +136,40 @@ def _parse_auto_bool(key: str, value: Any) -> str:
     return _parse_choice(("auto", "true", "false"))(key, value)
 
 
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "false"):
+        return text == "true"
+    raise ConfigError(f"{key}: invalid value {value!r}: expected true or false")
+
+
+def _parse_int(low: int, high: int) -> Callable[[str, Any], int]:
+    def parse(key: str, value: Any) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{key}: invalid value {value!r}: expected a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _parse_text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: invalid value {value!r}: expected a non-empty string")
+    return value
+
+
+def _parse_models(key: str, value: Any) -> tuple[str, ...]:
+    """A YAML list of model names, or a comma-separated string (the flag's form)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(m, str) for m in items):
+        raise ConfigError(f"{key}: invalid value {value!r}: expected a list of model names such as [qwen3:8b]")
+    return tuple(m.strip() for m in items if m.strip())
+
+
 def url_from_ollama_host(value: str) -> str:
     """Read OLLAMA_HOST the way Ollama's own CLI does (envconfig.Host).
 
@@ -185,6 +228,7 @@ class Key:
     parse: Callable[[str, Any], Any]
     help: str
     metavar: str = "TEXT"
+    is_flag: bool = False  # a boolean: --key / --no-key
 
 
 KEYS: tuple[Key, ...] = (
@@ -201,6 +245,25 @@ KEYS: tuple[Key, ...] = (
     Key("gpu.enabled", "gpu_enabled", _parse_auto_bool,
         "NVIDIA GPU metrics through NVML: auto (use it if the library loads), true (required) or false. "
         "Default: auto.", "auto|true|false"),
+    Key("probes.enabled", "probes_enabled", _parse_bool,
+        "Run active latency probes against resident models. Default: enabled.", is_flag=True),
+    Key("probes.interval", "probes_interval", parse_duration,
+        "How often to probe each resident model. Default: 30s.", "DURATION"),
+    Key("probes.timeout", "probes_timeout", parse_duration,
+        "Deadline for one probe, streaming included. Default: 60s.", "DURATION"),
+    Key("probes.models", "probes_models", _parse_models,
+        "Only probe these models (comma-separated). Default: every resident model.", "MODELS"),
+    Key("probes.prompt", "probes_prompt", _parse_text, "Prompt a probe sends.", "TEXT"),
+    Key("probes.num_predict", "probes_num_predict", _parse_int(1, 4096),
+        "Tokens a probe asks for. Default: 16.", "N"),
+    Key("probes.concurrency", "probes_concurrency", _parse_int(1, 16),
+        "Probes of different models running at once. Default: 2.", "N"),
+    Key("probes.allow_cold_load", "probes_allow_cold_load", _parse_bool,
+        "Probe models listed in probes.models even when not loaded, which loads them. Default: false.",
+        is_flag=True),
+    Key("probes.idle_models", "probes_idle_models", _parse_choice(("skip", "probe")),
+        "skip: probe a model with a finite keep_alive only after real traffic used it; probe: every interval "
+        "(keeps idle models loaded). Default: skip.", "skip|probe"),
 )
 KEYS_BY_NAME = {k.name: k for k in KEYS}
 

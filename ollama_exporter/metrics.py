@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from prometheus_client.utils import floatToGoString
 
 from ollama_exporter import __version__
 from ollama_exporter.snapshot import Snapshot
@@ -25,7 +27,7 @@ class Def:
     labels: tuple[str, ...] = ()
 
     def family(self) -> Metric:
-        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        cls = {"counter": CounterMetricFamily, "histogram": HistogramMetricFamily}.get(self.kind, GaugeMetricFamily)
         return cls(self.name, self.help, labels=self.labels)
 
 
@@ -127,6 +129,43 @@ DEFS = {d.name: d for d in (
         "GPU memory the driver reports for this model's runner process (NVML usedGpuMemory), matched through "
         "the runner's --model blob and /api/show's FROM line; includes the CUDA context, so it exceeds "
         "/api/ps size_vram.", (M, "gpu", "uuid")),
+    # active probes (prober.py): what a user of the model feels
+    Def("ollama_probe_ttft_seconds", "histogram",
+        "Client-observed time from sending a probe's /api/generate request to the first chunk with `response` "
+        "or `thinking` text.", (M,)),
+    Def("ollama_probe_tpot_seconds", "histogram",
+        "Client-observed time per output token of a probe's /api/generate stream: (last token chunk - first) "
+        "/ (token chunks - 1).", (M,)),
+    Def("ollama_probe_duration_seconds", "histogram",
+        "Client-observed end-to-end time of a probe, until /api/generate's `done` chunk or /api/embed's answer.",
+        (M,)),
+    Def("ollama_probe_prompt_eval_tokens_total", "counter",
+        "Prompt tokens of successful probes, from /api/generate `prompt_eval_count`.", (M,)),
+    Def("ollama_probe_prompt_eval_duration_seconds_total", "counter",
+        "Prompt processing time of successful probes, from /api/generate `prompt_eval_duration`.", (M,)),
+    Def("ollama_probe_eval_tokens_total", "counter",
+        "Generated tokens of successful probes, from /api/generate `eval_count`.", (M,)),
+    Def("ollama_probe_eval_duration_seconds_total", "counter",
+        "Generation time of successful probes, from /api/generate `eval_duration`; "
+        "rate(eval_tokens)/rate(this) is tokens per second.", (M,)),
+    Def("ollama_probe_load_duration_seconds_total", "counter",
+        "Time to obtain a runner in successful probes (load and queueing), from /api/generate `load_duration`.",
+        (M,)),
+    Def("ollama_probes_total", "counter", "Probes sent (/api/generate or /api/embed), failed ones included.", (M,)),
+    Def("ollama_probe_failures_total", "counter",
+        "Failed probes by reason, from the /api/generate or /api/embed status, error text or stream.",
+        (M, "reason")),
+    Def("ollama_probe_skipped_total", "counter",
+        "Probes not sent by reason: not_loaded (not in /api/ps), idle (no traffic since the last probe, per "
+        "/api/ps expires_at), backoff, in_progress, unsupported (no completion or embedding capability).",
+        (M, "reason")),
+    Def("ollama_probe_caused_loads_total", "counter",
+        "Probes that made Ollama load the model (/api/ps context_length or size changed, with load_duration).",
+        (M,)),
+    Def("ollama_probe_success", "gauge", "1 if the last probe of the model succeeded (/api/generate or /api/embed).",
+        (M,)),
+    Def("ollama_probe_last_timestamp_seconds", "gauge",
+        "When the last probe (/api/generate or /api/embed) of the model finished.", (M,)),
     Def("ollama_exporter_gpu_processes_unattributed", "gauge",
         "GPU compute processes not attributed to a model, by reason: unreadable (no /proc/<pid>/cmdline, e.g. "
         "another PID namespace), loading (runner not in /api/ps yet), other (not an Ollama runner).", ("reason",)),
@@ -166,6 +205,8 @@ def collect(snapshot: Snapshot) -> Iterator[Metric]:
     yield from _exporter(snapshot)
     if snapshot.gpu is not None:
         yield from _gpu(snapshot)
+    if snapshot.probes is not None:
+        yield from _probes(snapshot)
 
 
 def _server(s: Snapshot) -> Iterable[Metric]:
@@ -279,3 +320,40 @@ def _gpu(s: Snapshot) -> Iterable[Metric]:
     for reason, count in sorted(s.gpu_unattributed.items()):
         unattributed.add_metric([reason], count)
     return [nvml_up, info, up, *values.values(), clock, throttle, ecc, *mig, procs, model_mem, unattributed]
+
+
+def _histogram(family: Metric, labels: list[str], h) -> None:
+    buckets = [(floatToGoString(b), c) for b, c in zip(h.buckets, h.counts)] + [("+Inf", h.count)]
+    family.add_metric(labels, buckets, h.sum)
+
+
+def _probes(s: Snapshot) -> Iterable[Metric]:
+    names = ("ollama_probe_ttft_seconds", "ollama_probe_tpot_seconds", "ollama_probe_duration_seconds",
+             "ollama_probe_prompt_eval_tokens_total", "ollama_probe_prompt_eval_duration_seconds_total",
+             "ollama_probe_eval_tokens_total", "ollama_probe_eval_duration_seconds_total",
+             "ollama_probe_load_duration_seconds_total", "ollama_probes_total", "ollama_probe_failures_total",
+             "ollama_probe_skipped_total", "ollama_probe_caused_loads_total", "ollama_probe_success",
+             "ollama_probe_last_timestamp_seconds")
+    f = dict(zip(names, _families(*names)))
+    for model, p in sorted(s.probes.items()):
+        m = [model]
+        if p.probes:
+            _histogram(f["ollama_probe_duration_seconds"], m, p.duration)
+            if p.kind == "generate":
+                _histogram(f["ollama_probe_ttft_seconds"], m, p.ttft)
+                _histogram(f["ollama_probe_tpot_seconds"], m, p.tpot)
+                for name, value in (("prompt_eval_tokens", p.prompt_eval_tokens),
+                                    ("prompt_eval_duration_seconds", p.prompt_eval_seconds),
+                                    ("eval_tokens", p.eval_tokens), ("eval_duration_seconds", p.eval_seconds),
+                                    ("load_duration_seconds", p.load_seconds)):
+                    f[f"ollama_probe_{name}_total"].add_metric(m, value)
+            f["ollama_probes_total"].add_metric(m, p.probes)
+            f["ollama_probe_caused_loads_total"].add_metric(m, p.caused_loads)
+            for reason, count in p.failures.items():
+                f["ollama_probe_failures_total"].add_metric(m + [reason], count)
+        for reason, count in p.skipped.items():
+            f["ollama_probe_skipped_total"].add_metric(m + [reason], count)
+        if p.last_success is not None:
+            f["ollama_probe_success"].add_metric(m, 1.0 if p.last_success else 0.0)
+            f["ollama_probe_last_timestamp_seconds"].add_metric(m, p.last_timestamp)
+    return list(f.values())

@@ -12,7 +12,7 @@ import calendar
 import json
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import requests
 from urllib3.exceptions import HTTPError, ReadTimeoutError
@@ -25,7 +25,12 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # /api/show with tensors can be a few MB; any
 
 
 class OllamaError(SourceError):
-    """A failed call; `reason` is one of snapshot.ERROR_REASONS."""
+    """A failed call; `reason` is one of snapshot.ERROR_REASONS. HTTP errors keep Ollama's status and text."""
+
+    def __init__(self, reason: str, message: str, status: Optional[int] = None, detail: str = ""):
+        super().__init__(reason, message)
+        self.status = status
+        self.detail = detail
 
 
 class OllamaClient:
@@ -56,55 +61,107 @@ class OllamaClient:
             raise OllamaError("invalid_response", f"/api/show {name}: answer is not a JSON object")
         return parse_show(body)
 
+    def embed(self, payload: dict, timeout: float) -> dict:
+        """POST /api/embed (an inference request: it goes through Ollama's scheduler)."""
+        body = self._call("POST", "/api/embed", payload, timeout)
+        if not isinstance(body, dict):
+            raise OllamaError("invalid_response", "/api/embed: answer is not a JSON object")
+        return body
+
+    def stream(self, path: str, payload: dict, timeout: float) -> Iterator[tuple[float, Any]]:
+        """POST a streaming request; yield (time.monotonic() when the line arrived, parsed line) per NDJSON line.
+
+        Lines are yielded as soon as their bytes arrive (read1 returns each chunk as the server flushes it),
+        so the arrival times are what a client observes. Raises OllamaError("timeout") past `timeout` in
+        total, and OllamaError with the HTTP status when the server refuses before streaming.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            with self.session.post(self.base_url + path, json=payload, timeout=timeout, stream=True) as resp:
+                if resp.status_code >= 400:
+                    self._raise_http(path, resp.status_code, _read_body(resp, deadline, path))
+                buffer = b""
+                for chunk in _chunks(resp, deadline):
+                    arrived = time.monotonic()
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield arrived, _json_line(path, line)
+                if buffer.strip():
+                    yield time.monotonic(), _json_line(path, buffer)
+        except requests.Timeout:
+            raise OllamaError("timeout", f"{path}: not finished within {timeout:g}s") from None
+        except requests.RequestException as exc:
+            raise OllamaError("connection", f"{path}: {_root_cause(exc)}") from None
+
     # --- transport ---
 
-    def _call(self, method: str, path: str, payload: Optional[dict] = None) -> Any:
-        """One request, finished (body read and parsed) within `timeout` seconds in total."""
+    def _call(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None) -> Any:
+        """One request, finished (body read and parsed) within `timeout` (default: the client's) in total."""
         url = self.base_url + path
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         try:
-            with self.session.request(method, url, json=payload, timeout=self.timeout, stream=True) as resp:
+            with self.session.request(method, url, json=payload, timeout=timeout, stream=True) as resp:
                 body = _read_body(resp, deadline, path)
         except requests.Timeout:
-            raise OllamaError("timeout", f"{path}: no answer within {self.timeout:g}s") from None
+            raise OllamaError("timeout", f"{path}: no answer within {timeout:g}s") from None
         except requests.ConnectionError as exc:
             raise OllamaError("connection", f"{path}: cannot connect to {self.base_url}: {_root_cause(exc)}") from None
         except requests.RequestException as exc:
             raise OllamaError("connection", f"{path}: {_root_cause(exc)}") from None
         if resp.status_code >= 400:
-            reason = "http_5xx" if resp.status_code >= 500 else "http_4xx"
-            raise OllamaError(reason, f"{path}: HTTP {resp.status_code}: {_error_text(body)}")
+            self._raise_http(path, resp.status_code, body)
         try:
             return json.loads(body)
         except ValueError:
             raise OllamaError("invalid_response", f"{path}: answer is not valid JSON: {body[:80]!r}") from None
 
+    @staticmethod
+    def _raise_http(path: str, status: int, body: bytes) -> None:
+        reason = "http_5xx" if status >= 500 else "http_4xx"
+        detail = _error_text(body)
+        raise OllamaError(reason, f"{path}: HTTP {status}: {detail}", status, detail)
 
-def _read_body(resp: requests.Response, deadline: float, path: str) -> bytes:
-    """Read the whole body, failing once the call's deadline passes (a slow drip is a timeout too).
 
-    read1 returns whatever one socket read gives, so the deadline is checked as data trickles in;
-    requests' own timeout only bounds each single read.
+def _chunks(resp: requests.Response, deadline: float) -> Iterator[bytes]:
+    """The body as it arrives, failing once the deadline passes (a slow drip is a timeout too).
+
+    read1 returns whatever one socket read (or one HTTP chunk) gives, so the deadline is checked as data
+    trickles in; requests' own timeout only bounds each single read.
     """
     raw = resp.raw
     read = raw.read1 if hasattr(raw, "read1") else raw.read
-    chunks, size = [], 0
     try:
         while True:
             chunk = read(65536, decode_content=True)
             if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+                return
             if time.monotonic() > deadline:
                 raise requests.Timeout()
-            if size > MAX_BODY_BYTES:
-                raise OllamaError("invalid_response", f"{path}: answer larger than {MAX_BODY_BYTES} bytes")
+            yield chunk
     except ReadTimeoutError:
         raise requests.Timeout() from None
     except HTTPError as exc:  # urllib3's: connection reset, incomplete body
         raise requests.ConnectionError(exc) from None
+
+
+def _read_body(resp: requests.Response, deadline: float, path: str) -> bytes:
+    chunks, size = [], 0
+    for chunk in _chunks(resp, deadline):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise OllamaError("invalid_response", f"{path}: answer larger than {MAX_BODY_BYTES} bytes")
     return b"".join(chunks)
+
+
+def _json_line(path: str, line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise OllamaError("invalid_response", f"{path}: stream line is not JSON: {line[:80]!r}") from None
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ollama_exporter import runners
 from ollama_exporter.gpu import GpuSource
@@ -92,8 +92,10 @@ class Poller:
     """
 
     def __init__(self, client: OllamaClient, interval: float, clock: Callable[[], float] = time.time,
-                 gpu: Optional[GpuSource] = None, gpu_off_state: Optional[GpuState] = None):
+                 gpu: Optional[GpuSource] = None, gpu_off_state: Optional[GpuState] = None,
+                 probe_stats: Optional[Callable[[set], Mapping]] = None):
         self.client = client
+        self.probe_stats = probe_stats  # prober.Prober.stats, copied into each snapshot
         self.interval = interval
         self.clock = clock
         self.gpu = gpu
@@ -183,6 +185,7 @@ class Poller:
             gpu=gpu,
             model_gpu_memory=model_gpu,
             gpu_unattributed=frozen_map(unattributed),
+            probes=self.probe_stats(self._installed_names()) if self.probe_stats else None,
         )
         self._snapshot = snapshot
         for listener in self._listeners:
@@ -190,6 +193,11 @@ class Poller:
         return snapshot
 
     # --- helpers ---
+
+    def _installed_names(self) -> Optional[set]:
+        """Installed model names, or None while /api/tags has never answered (nothing is known gone)."""
+        tags = self._status.get("tags")
+        return {m.name for m in self._installed} if tags and tags.last_success is not None else None
 
     def _gpu_state(self, outcome: Optional[Outcome]) -> Optional[GpuState]:
         """This poll's GPU state; after a failed sample, the GPUs last seen are reported down."""

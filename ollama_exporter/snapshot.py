@@ -190,6 +190,7 @@ class Snapshot:
     gpu: Optional[GpuState] = None  # None: GPU source disabled
     model_gpu_memory: tuple[ModelGpuMemory, ...] = ()
     gpu_unattributed: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
+    probes: Optional[Mapping] = None  # model -> prober.ModelProbeStats; None: probes disabled
 
     @classmethod
     def empty(cls, timestamp: float = 0.0) -> "Snapshot":

@@ -251,6 +251,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     truncate_by = 0  # > 0: the "truncate" fault; send_body promises this many bytes too many, then closes
 
+    def setup(self) -> None:
+        super().setup()
+        # Go's net/http sets TCP_NODELAY on every connection; without it, Nagle and the client's delayed
+        # ACK would hold each streamed line back ~40 ms and distort every timing measured against us.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
 
@@ -327,6 +333,9 @@ class FakeOllama:
         self.default_keep_alive: float = 300.0  # seconds (OLLAMA_KEEP_ALIVE); negative = forever
         self.default_num_ctx: int = 4096
         self.default_ps_shape: str = "new"
+        # ps context_length = runner context x this; < 1 emulates a server whose ps reports a per-slot figure
+        # that differs from the num_ctx the runner was loaded with (probes sending it would force a reload)
+        self.ps_context_scale: float = 1.0
         self.loads: Counter[str] = Counter()    # scheduler loads, reloads included
         self.reloads: Counter[str] = Counter()  # reloads forced by a num_ctx change
         self._lock = threading.Lock()
@@ -558,7 +567,7 @@ class FakeOllama:
         if r.shape in ("new", "no_ctx"):
             row["size_vram"] = r.size_vram
         if r.shape == "new":
-            row["context_length"] = r.context_length
+            row["context_length"] = int(r.context_length * self.ps_context_scale)
         return row
 
     def _show_body(self, m: _Model) -> dict[str, Any]:

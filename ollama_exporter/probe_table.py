@@ -1,0 +1,72 @@
+"""`ollama-exporter probe`: probe models once and print what a user would feel, as a table.
+
+The first thing to run when users say "it's slow": it uses the same probe code as the daemon, so the
+numbers match the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ollama_exporter.config import Config
+from ollama_exporter.ollama import OllamaClient
+from ollama_exporter.poller import Poller
+from ollama_exporter.prober import ProbeResult, Prober, normalise_name, kind_of
+
+COLUMNS = ("MODEL", "KIND", "TTFT", "TPOT", "E2E", "TOK/S", "LOAD", "PROMPT EVAL", "EVAL", "RESULT")
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def row(r: ProbeResult) -> tuple[str, ...]:
+    if not r.ok:
+        return (r.model, r.kind, "-", "-", "-", "-", "-", "-", "-", f"FAILED {r.reason}: {r.message}")
+    rate = f"{r.eval_count / r.eval_duration:.1f}" if r.eval_duration > 0 else "-"
+    prompt = f"{r.prompt_eval_count} tok / {_ms(r.prompt_eval_duration)}" if r.kind == "generate" else "-"
+    evals = f"{r.eval_count} tok / {_ms(r.eval_duration)}" if r.kind == "generate" else "-"
+    return (r.model, r.kind, _ms(r.ttft), _ms(r.tpot), _ms(r.duration), rate, _ms(r.load_duration),
+            prompt, evals, "ok")
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)] if rows else []
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def run_probe_command(config: Config, models: tuple[str, ...], count: int, echo: Callable[[str], None]) -> int:
+    """Probe and print; returns the exit status (0 all ok, 1 a probe failed or Ollama is unreachable)."""
+    client = OllamaClient(config.ollama_url, config.ollama_timeout)
+    snapshot = Poller(client, config.poll_interval).poll_once()
+    if not snapshot.up:
+        failed = [s for s in snapshot.sources if not s.up]
+        echo(f"cannot read Ollama at {config.ollama_url}: {failed[0].message if failed else 'no answer'}")
+        return 1
+    prober = Prober(client, config, lambda: snapshot)
+    loaded = {m.name: m for m in snapshot.loaded}
+    installed = {m.name: m for m in snapshot.installed}
+    wanted = [normalise_name(m) for m in (models or config.probes_models)] or list(loaded)
+    if not wanted:
+        echo("no model is loaded, so there is nothing to probe without loading one "
+             "(name one with --model and set --probes.allow-cold-load to load it)")
+        return 0
+    rows, status = [], 0
+    for name in wanted:
+        resident = loaded.get(name)
+        kind = kind_of(installed.get(name))
+        if kind is None:
+            echo(f"{name}: skipped, it has neither the completion nor the embedding capability")
+            continue
+        if resident is None and not config.probes_allow_cold_load:
+            echo(f"{name}: skipped, not loaded (probing would load it; --probes.allow-cold-load allows that)")
+            continue
+        for _ in range(count):
+            result = prober.probe_once(name, kind, resident.context_length if resident else None)
+            status = status or (0 if result.ok else 1)
+            rows.append(row(result))
+    if rows:
+        echo(table(rows))
+    return status
