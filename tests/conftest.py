@@ -120,13 +120,13 @@ def promtool() -> str:
     return path
 
 
-def sample(text: str, name: str, **labels: str) -> Optional[float]:
+def sample(text: str, metric: str, /, **labels: str) -> Optional[float]:
     """The value of one sample in an exposition text, or None if it is absent."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
                 if set(s.labels) == set(labels):
                     return s.value
     return None
