@@ -221,3 +221,16 @@ def test_a_lost_gpu_goes_down_alone_and_comes_back(nvml, runners, ollama_with_mo
     nvml.write(two_gpu_box(runners))
     t = gpu1_up_is(1)
     assert sample(t, "ollama_gpu_temperature_celsius", **g1) == 64
+
+
+def test_initialisation_is_retried_with_backoff_until_the_driver_loads(fake_ollama, nvml, exporter_factory):
+    nvml.write(two_gpu_box(), init_error=9)  # NVML_ERROR_DRIVER_NOT_LOADED, as during boot
+    exp = exporter_factory("--ollama.url", fake_ollama.url, "--poll.interval", "200ms", "--no-probes.enabled",
+                           env=nvml.env()).wait_ready()
+    wait_for(lambda: sample(exp.metrics(), "ollama_exporter_source_errors_total", source="gpu",
+                            reason="driver_not_loaded") >= 2, timeout=5, message="init failures counted")
+    assert sample(exp.metrics(), "ollama_gpu_nvml_up") == 0 and sample(exp.metrics(), "ollama_up") == 1
+    nvml.write(two_gpu_box())
+    text = wait_for(lambda: (lambda t: t if sample(t, "ollama_gpu_nvml_up") == 1 else None)(exp.metrics()),
+                    timeout=10, message="NVML initialised once the driver is there")
+    assert sample(text, "ollama_gpu_up", gpu="1", uuid=two_gpu_box()[1].uuid) == 1
