@@ -23,6 +23,7 @@ from ollama_exporter.poller import Poller
 from ollama_exporter.prober import Prober
 from ollama_exporter.server import MetricsServer
 from ollama_exporter.snapshot import GpuState, SourceError
+from ollama_exporter.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("ollama_exporter")
 
@@ -72,6 +73,11 @@ def main(ctx: click.Context, config_file: Optional[str], once: bool, **options: 
     if ctx.invoked_subcommand is not None:
         return
     config = load_config(config_file, options)
+    try:
+        web = load_web_config(config.web_config_file) if config.web_config_file and not once else None
+    except ConfigError as exc:
+        click.echo(f"ollama-exporter: error: {exc}", err=True)
+        sys.exit(2)
     setup_logging(config.log_level)
     client = OllamaClient(config.ollama_url, config.ollama_timeout)
     gpu, gpu_off_state = make_gpu_source(config)
@@ -80,7 +86,7 @@ def main(ctx: click.Context, config_file: Optional[str], once: bool, **options: 
         body, _ = render(poller.poll_once())
         click.echo(body.decode(), nl=False)
         return
-    serve(config, poller, client)
+    serve(config, poller, client, web)
 
 
 @main.command(context_settings=CONTEXT)
@@ -119,13 +125,13 @@ def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuSt
     return source, None
 
 
-def serve(config: Config, poller: Poller, client: OllamaClient) -> None:
+def serve(config: Config, poller: Poller, client: OllamaClient, web: Optional[WebConfig] = None) -> None:
     """Run the poll loop, the prober and the HTTP server until SIGTERM or SIGINT."""
     exposition = Exposition()
     poller.subscribe(exposition.update)
     host, port = config.listen
     try:
-        server = MetricsServer(host, port, exposition, config.ollama_url)
+        server = MetricsServer(host, port, exposition, config.ollama_url, web)
     except OSError as exc:
         click.echo(f"ollama-exporter: error: cannot listen on {config.web_listen_address}: {exc.strerror or exc}",
                    err=True)

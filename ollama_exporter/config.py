@@ -33,6 +33,7 @@ class Config:
     ollama_timeout: float = 5.0
     poll_interval: float = 5.0
     web_listen_address: str = ":9778"
+    web_config_file: Optional[str] = None
     log_level: str = "info"
     gpu_enabled: str = "auto"
     probes_enabled: bool = True
@@ -229,6 +230,7 @@ class Key:
     help: str
     metavar: str = "TEXT"
     is_flag: bool = False  # a boolean: --key / --no-key
+    flag: Optional[str] = None  # a flag name other than the derived one (exporter-toolkit's --web.config.file)
 
 
 KEYS: tuple[Key, ...] = (
@@ -240,6 +242,9 @@ KEYS: tuple[Key, ...] = (
         "How often to poll Ollama and refresh the metrics. Default: 5s.", "DURATION"),
     Key("web.listen_address", "web_listen_address", _parse_listen,
         "Address to serve /metrics on: [host]:port. Default: :9778 (all interfaces).", "ADDRESS"),
+    Key("web.config_file", "web_config_file", _parse_text,
+        "TLS and basic-auth settings for /metrics, in the exporter-toolkit web config format.", "FILE",
+        flag="--web.config.file"),
     Key("log.level", "log_level", _parse_choice(LOG_LEVELS),
         "Log level: debug, info, warning or error. Default: info.", "LEVEL"),
     Key("gpu.enabled", "gpu_enabled", _parse_auto_bool,
@@ -270,7 +275,7 @@ KEYS_BY_NAME = {k.name: k for k in KEYS}
 
 def flag_name(key: Key) -> str:
     """``web.listen_address`` -> ``--web.listen-address`` (Prometheus exporter style)."""
-    return "--" + key.name.replace("_", "-")
+    return key.flag or "--" + key.name.replace("_", "-")
 
 
 def load_file(path: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Optional
 
 from ollama_exporter import __version__
 from ollama_exporter.exposition import Exposition
+from ollama_exporter.webconfig import BasicAuth, WebConfig, ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: "MetricsServer"
     protocol_version = "HTTP/1.1"
     server_version = f"ollama-exporter/{__version__}"
+    timeout = 30  # a client that stalls (or never finishes a TLS handshake) frees its thread
 
     def setup(self) -> None:
         super().setup()
@@ -51,6 +53,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(head=True)
 
     def _route(self, head: bool) -> None:
+        auth = self.server.auth
+        if auth is not None and not auth.check(self.headers.get("Authorization")):
+            self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8", head,
+                       {"WWW-Authenticate": 'Basic realm="ollama-exporter"'})
+            return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             body, content_type, gzipped = self.server.exposition.get(
@@ -87,9 +94,12 @@ class MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, host: str, port: int, exposition: Exposition, ollama_url: str = ""):
+    def __init__(self, host: str, port: int, exposition: Exposition, ollama_url: str = "",
+                 web: Optional[WebConfig] = None):
         self.exposition = exposition
         self.ollama_url = ollama_url
+        self.web = web or WebConfig()
+        self.auth = BasicAuth(self.web.users) if self.web.users else None
         self._dual_stack = False
         if host == "":
             self.address_family, host, self._dual_stack = (
@@ -102,6 +112,14 @@ class MetricsServer(ThreadingHTTPServer):
         if self._dual_stack:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+        if self.web.tls:
+            # The handshake runs on first read, in the request's own thread, never in the accept loop.
+            self.socket = ssl_context(self.web).wrap_socket(self.socket, server_side=True,
+                                                            do_handshake_on_connect=False)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up or fails the TLS handshake is its own problem: log it, no traceback."""
+        log.debug("connection from %s failed", client_address, exc_info=True)
 
     @property
     def port(self) -> int:
