@@ -130,3 +130,43 @@ def sample(text: str, metric: str, /, **labels: str) -> Optional[float]:
                 if set(s.labels) == set(labels):
                     return s.value
     return None
+
+
+# model -> weights blob; the order matches two_gpu_box's runner pids (MIG 1, MIG 2, RTX, RTX)
+BLOBS = {"qwen3:32b": "1" * 64, "llama3.1:8b": "2" * 64, "gemma3:27b": "3" * 64, "nomic-embed-text:latest": "4" * 64}
+
+
+@pytest.fixture(scope="session")
+def nvml(tmp_path_factory):
+    """The fake libnvidia-ml.so.1 (tests/fakes/nvml), built once; pass nvml.env() to an exporter process."""
+    from tests.fakes.nvml import FakeNvml
+
+    return FakeNvml.or_skip(tmp_path_factory.mktemp("nvml"))
+
+
+@pytest.fixture
+def runners():
+    """Four real processes whose command lines are Ollama runners, one per model in BLOBS."""
+    procs = []
+    for i, (name, blob) in enumerate(BLOBS.items()):
+        argv0, extra = (("/usr/local/bin/ollama", ["runner", "--ollama-engine"]) if i == 1
+                        else ("/usr/local/lib/ollama/llama-server", []))
+        procs.append(subprocess.Popen(
+            [argv0, "-c", "import time; time.sleep(120)", *extra, "--model",
+             f"/usr/share/ollama/.ollama/models/blobs/sha256-{blob}", "--port", str(40000 + i)],
+            executable=sys.executable))
+    for p in procs:
+        wait_for(lambda: open(f"/proc/{p.pid}/cmdline", "rb").read(), message="runner cmdline")
+    yield [p.pid for p in procs]
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def ollama_with_models(fake_ollama):
+    for name, blob in BLOBS.items():
+        caps = ["embedding"] if "embed" in name else ["completion"]
+        fake_ollama.add_model(name, blob_digest=blob, capabilities=caps)
+        fake_ollama.load(name, keep_alive=-1)
+    return fake_ollama
