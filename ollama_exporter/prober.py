@@ -20,7 +20,7 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -216,7 +216,7 @@ class Prober:
         self._stats: dict[str, _ModelStats] = {}
         self._state: dict[str, _ModelState] = {}
         self._planned_before = False
-        self._executor = ThreadPoolExecutor(config.probes_concurrency, thread_name_prefix="probe")
+        self._slots = threading.BoundedSemaphore(config.probes_concurrency)
 
     # --- the loop ---
 
@@ -234,7 +234,22 @@ class Prober:
             return []  # no current /api/ps: nothing is known to be resident
         with self._lock:
             jobs = self.plan(snapshot)
-        return [self._executor.submit(self._run_job, job) for job in jobs]
+        return [self._start(job) for job in jobs]
+
+    def _start(self, job: Job) -> Future:
+        """Run a job in a daemon thread (a probe stuck in a read must never hold up shutdown)."""
+        future: Future = Future()
+
+        def work() -> None:
+            with self._slots:
+                try:
+                    future.set_result(self._run_job(job))
+                except BaseException as exc:  # surfaced through the future; the loop goes on
+                    log.exception("probe of %s failed unexpectedly", job.model)
+                    future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"probe {job.model}", daemon=True).start()
+        return future
 
     def stats(self, installed: Optional[set[str]]) -> dict[str, ModelProbeStats]:
         """A consistent copy for the Snapshot; models no longer installed are forgotten."""

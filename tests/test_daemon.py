@@ -171,3 +171,16 @@ def test_port_in_use_is_a_clear_error(fake_ollama):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_shutdown_is_not_held_up_by_a_probe_in_flight(fake_ollama, exporter_factory):
+    fake_ollama.add_model("slow:1")
+    fake_ollama.load("slow:1", keep_alive=-1)
+    fake_ollama.set_timing(ttft=30.0)  # the probe will be mid-stream when the signal arrives
+    exp = exporter_factory("--ollama.url", fake_ollama.url, "--poll.interval", "200ms",
+                           "--probes.interval", "500ms").wait_ready()
+    wait_for(lambda: fake_ollama.count("/api/generate") >= 1, timeout=5, message="a probe in flight")
+    started = time.monotonic()
+    exp.proc.send_signal(signal.SIGTERM)
+    assert exp.proc.wait(5) == 0
+    assert time.monotonic() - started < 2.0
