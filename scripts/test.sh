@@ -3,6 +3,7 @@
 #   - Debian's `prometheus` package: promtool and a real Prometheus server for the end-to-end tests
 #   - Debian's `prometheus-alertmanager`: a real Alertmanager for the alerting end-to-end test
 #   - openssl and curl: test certificates and a real HTTPS client for the TLS/basic-auth tests
+#   - Debian's `systemd`: systemd-analyze verify/security for the shipped unit (and libseccomp)
 #   - a C compiler (the fake NVML driver library is built by the tests)
 #   - a virtualenv in .venv with the package and its test extra
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k config`).
@@ -14,6 +15,7 @@ command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(pro
 command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
