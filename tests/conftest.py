@@ -112,12 +112,17 @@ def fake_ollama():
     fake.stop()
 
 
+def require_tool(name: str, package: str) -> str:
+    """The path of command `name`, or skip the test saying which Debian package provides it."""
+    path = shutil.which(name)
+    if not path:
+        pytest.skip(f"{name} not found: install Debian's `{package}` package (scripts/test.sh does this)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if not path:
-        pytest.skip("promtool not found: install Debian's `prometheus` package (scripts/test.sh does this)")
-    return path
+    return require_tool("promtool", "prometheus")
 
 
 def sample(text: str, metric: str, /, **labels: str) -> Optional[float]:

@@ -36,7 +36,7 @@ from typing import Optional
 import pytest
 import requests
 
-from tests.conftest import BLOBS, REPO, free_port, sample, wait_for
+from tests.conftest import BLOBS, REPO, free_port, require_tool, sample, wait_for
 from tests.fakes.nvml import two_gpu_box
 
 UNIT = REPO / "systemd" / "ollama-exporter.service"
@@ -126,10 +126,7 @@ def unit() -> dict[str, list[tuple[str, str]]]:
 
 @pytest.fixture(scope="session")
 def systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if not path:
-        pytest.skip("systemd-analyze not found: install Debian's `systemd` package (scripts/test.sh does)")
-    return path
+    return require_tool("systemd-analyze", "systemd")
 
 
 def installed_copy(tmp_path: Path, text: Optional[str] = None) -> Path:
