@@ -38,7 +38,8 @@ from ollama_exporter.snapshot import (
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("version", "ps", "tags", "show", "gpu")
+API_SOURCES = ("version", "ps", "tags", "show")  # Ollama's endpoints; "show" covers every /api/show call
+SOURCES = API_SOURCES + ("gpu",)
 SHOW_CONCURRENCY = 4
 SHOW_RETRY_MAX_SECONDS = 300.0
 
@@ -107,7 +108,7 @@ class Poller:
         self._show_cache: dict[str, ShowInfo] = {}
         self._show_retry: dict[str, tuple[float, float]] = {}  # digest -> (retry at, backoff)
         self._status: dict[str, SourceStatus] = {}
-        self._errors: Counter = Counter({(s, r): 0 for s in SOURCES[:4] for r in ERROR_REASONS})
+        self._errors: Counter = Counter({(s, r): 0 for s in API_SOURCES for r in ERROR_REASONS})
         if gpu is not None:
             self._errors.update({("gpu", r): 0 for r in GPU_ERROR_REASONS})
         self._loads: Counter = Counter()

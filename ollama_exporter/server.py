@@ -3,7 +3,8 @@
 A scrape copies bytes that exposition.Exposition rendered when the snapshot arrived; nothing here
 calls Ollama or renders metrics, so /metrics answers in well under a millisecond of work whatever
 state Ollama is in. Listens on IPv4, IPv6, or both (an empty host binds `::` dual-stack when the
-kernel allows it, else `0.0.0.0`).
+kernel allows it, else `0.0.0.0`). With a web config (webconfig.py) it serves HTTPS and/or checks basic
+auth on every path before answering.
 """
 
 from __future__ import annotations
