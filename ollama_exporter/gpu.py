@@ -14,11 +14,11 @@ import time
 from typing import Any, Callable, Optional
 
 from ollama_exporter import runners
+from ollama_exporter.backoff import Backoff
 from ollama_exporter.snapshot import GpuDevice, GpuProcess, GpuState, MigInstance, SourceError
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MAX_SECONDS = 300.0
 CLOCKS = (("graphics", 0), ("sm", 1), ("memory", 2), ("video", 3))  # NVML_CLOCK_*
 THROTTLE_BITS = (  # nvmlClocksEventReason* bits
     ("gpu_idle", 0x1), ("applications_clocks", 0x2), ("sw_power_cap", 0x4), ("hw_slowdown", 0x8),
@@ -54,11 +54,9 @@ class GpuSource:
         self.driver_version = ""
         self._unsupported: set[tuple[str, str]] = set()  # (uuid, field) the GPU said it does not have
         self._identity: dict[int, tuple[str, str, str]] = {}  # index -> (uuid, name, pci bus id)
-        self._retry_at = 0.0  # next initialisation attempt after a failure
-        self._backoff = 0.0
+        self._init_backoff = Backoff(interval)  # between failed initialisations
         self._last_error: Optional[SourceError] = None
-        self._reinit_at = 0.0  # next re-initialisation while a GPU is lost
-        self._lost_backoff = 0.0
+        self._lost_backoff = Backoff(interval)  # between re-initialisations while a GPU is lost
 
     # --- initialisation ---
 
@@ -80,32 +78,32 @@ class GpuSource:
         if self.nv is not None:
             return
         now = self.clock()
-        if now < self._retry_at and self._last_error is not None:
+        if not self._init_backoff.ready(now) and self._last_error is not None:
             raise self._last_error
         try:
             self.start()
-            self._backoff, self._last_error = 0.0, None
+            self._init_backoff.reset()
+            self._last_error = None
         except SourceError as exc:
-            self._backoff = min(max(self.interval, self._backoff * 2), BACKOFF_MAX_SECONDS)
-            self._retry_at = now + self._backoff
-            self._last_error = SourceError(exc.reason, f"{exc} (next try in {self._backoff:g}s)")
+            delay = self._init_backoff.fail(now)
+            self._last_error = SourceError(exc.reason, f"{exc} (next try in {delay:g}s)")
             raise self._last_error from None
 
     def _after_lost(self, lost: bool) -> None:
         """While a GPU is lost, re-initialise NVML (re-enumerating handles) with growing backoff."""
         if not lost:
-            self._lost_backoff = 0.0
+            self._lost_backoff.reset()
             return
         now = self.clock()
-        if now < self._reinit_at:
+        if not self._lost_backoff.ready(now):
             return
-        self._lost_backoff = min(max(self.interval, self._lost_backoff * 2), BACKOFF_MAX_SECONDS)
-        self._reinit_at = now + self._lost_backoff
+        self._lost_backoff.fail(now)
         try:
             self.nv.nvmlShutdown()
         except Exception:  # noqa: BLE001 - already broken; the next initialisation will tell
             pass
-        self.nv, self._retry_at = None, 0.0  # the next sample initialises again
+        self.nv = None
+        self._init_backoff.until = 0.0  # the next sample initialises again
 
     # --- sampling ---
 

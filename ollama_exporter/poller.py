@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional
 
 from ollama_exporter import runners
+from ollama_exporter.backoff import Backoff
 from ollama_exporter.gpu import GpuSource
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.snapshot import (
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 API_SOURCES = ("version", "ps", "tags", "show")  # Ollama's endpoints; "show" covers every /api/show call
 SOURCES = API_SOURCES + ("gpu",)
 SHOW_CONCURRENCY = 4
-SHOW_RETRY_MAX_SECONDS = 300.0
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Poller:
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._busy: dict[str, threading.Thread] = {}  # source -> its call's thread, to avoid pile-ups
         self._show_cache: dict[str, ShowInfo] = {}
-        self._show_retry: dict[str, tuple[float, float]] = {}  # digest -> (retry at, backoff)
+        self._show_retry: dict[str, Backoff] = {}  # digest -> when /api/show may be tried again
         self._status: dict[str, SourceStatus] = {}
         self._errors: Counter = Counter({(s, r): 0 for s in API_SOURCES for r in ERROR_REASONS})
         if gpu is not None:
@@ -240,8 +240,8 @@ class Poller:
         """Call /api/show for digests not yet cached (bounded concurrency); one Outcome for them all."""
         wanted: dict[str, str] = {}
         for model in self._installed:
-            retry_at = self._show_retry.get(model.digest, (0.0, 0.0))[0]
-            if model.digest not in self._show_cache and model.digest not in wanted and now >= retry_at:
+            retry = self._show_retry.get(model.digest)
+            if model.digest not in self._show_cache and model.digest not in wanted and (not retry or retry.ready(now)):
                 wanted[model.digest] = model.name
         started, first_error = time.monotonic(), None
         items = list(wanted.items())
@@ -255,8 +255,7 @@ class Poller:
                     self._show_cache[digest] = outcome.value
                     self._show_retry.pop(digest, None)
                 else:
-                    backoff = min(max(self.interval, 2 * self._show_retry.get(digest, (0, 0))[1]), SHOW_RETRY_MAX_SECONDS)
-                    self._show_retry[digest] = (now + backoff, backoff)
+                    self._show_retry.setdefault(digest, Backoff(self.interval)).fail(now)
                     first_error = first_error or outcome.error
         return Outcome(error=first_error, duration=time.monotonic() - started)
 
