@@ -11,8 +11,12 @@ from typing import Callable, Optional
 from ollama_exporter.config import Config
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
-from ollama_exporter.prober import ProbeResult, Prober, normalise_name, kind_of
+from ollama_exporter.prober import ProbeResult, Prober, targets
 
+REFUSALS = {
+    "unsupported": "it has neither the completion nor the embedding capability",
+    "not_loaded": "not loaded (probing would load it; --probes.allow-cold-load allows that)",
+}
 COLUMNS = ("MODEL", "KIND", "TTFT", "TPOT", "E2E", "TOK/S", "LOAD", "PROMPT EVAL", "EVAL", "RESULT")
 
 
@@ -46,25 +50,19 @@ def run_probe_command(config: Config, models: tuple[str, ...], count: int, echo:
         echo(f"cannot read Ollama at {config.ollama_url}: {failed[0].message if failed else 'no answer'}")
         return 1
     prober = Prober(client, config, lambda: snapshot)
-    loaded = {m.name: m for m in snapshot.loaded}
-    installed = {m.name: m for m in snapshot.installed}
-    wanted = [normalise_name(m) for m in (models or config.probes_models)] or list(loaded)
+    wanted = targets(snapshot, models or config.probes_models)
     if not wanted:
         echo("no model is loaded, so there is nothing to probe without loading one "
              "(name one with --model and set --probes.allow-cold-load to load it)")
         return 0
     rows, status = [], 0
-    for name in wanted:
-        resident = loaded.get(name)
-        kind = kind_of(installed.get(name))
-        if kind is None:
-            echo(f"{name}: skipped, it has neither the completion nor the embedding capability")
-            continue
-        if resident is None and not config.probes_allow_cold_load:
-            echo(f"{name}: skipped, not loaded (probing would load it; --probes.allow-cold-load allows that)")
+    for t in wanted:
+        refusal = t.refusal(config.probes_allow_cold_load)
+        if refusal:
+            echo(f"{t.model}: skipped, {REFUSALS[refusal]}")
             continue
         for _ in range(count):
-            result = prober.probe_once(name, kind, resident.context_length if resident else None)
+            result = prober.probe_once(t.model, t.kind, t.row.context_length if t.row else None)
             status = status or (0 if result.ok else 1)
             rows.append(row(result))
     if rows:

@@ -195,6 +195,37 @@ def kind_of(model: Optional[InstalledModel]) -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class Target:
+    """A model a probe round considers, with what it takes to probe it."""
+
+    model: str
+    kind: Optional[str]  # kind_of(): generate, embed, or None for neither
+    row: Optional[LoadedModel]  # its /api/ps row; None when it is not resident
+    installed: bool
+
+    def refusal(self, allow_cold_load: bool) -> str:
+        """Why it must not be probed at all ("unsupported", "not_loaded"), or "" if it may be."""
+        if self.kind is None:
+            return "unsupported"
+        if self.row is None and not (allow_cold_load and self.installed):
+            return "not_loaded"
+        return ""
+
+
+def targets(snapshot: Snapshot, models: tuple[str, ...]) -> list[Target]:
+    """`models` (as Ollama reads the names), or else every resident model, each with its probe kind."""
+    installed = {m.name: m for m in snapshot.installed}
+    by_digest = {m.digest: m for m in snapshot.installed}
+    loaded = {m.name: m for m in snapshot.loaded}
+    result = []
+    for name in [normalise_name(n) for n in models] or list(loaded):
+        row = loaded.get(name)
+        model = installed.get(name) or (by_digest.get(row.digest) if row else None)
+        result.append(Target(name, kind_of(model), row, name in installed))
+    return result
+
+
 def _seconds(value) -> float:
     return value / 1e9 if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
@@ -263,31 +294,16 @@ class Prober:
 
     def plan(self, snapshot: Snapshot) -> list[Job]:
         now = self.clock()
-        installed = {m.name: m for m in snapshot.installed}
-        by_digest = {m.digest: m for m in snapshot.installed}
-        loaded = {m.name: m for m in snapshot.loaded}
-        wanted = [normalise_name(n) for n in self.config.probes_models] or list(loaded)
         jobs = []
-        for name in wanted:
-            row = loaded.get(name)
-            kind = kind_of(installed.get(name) or (by_digest.get(row.digest) if row else None))
-            if kind is None:
-                self._skip(name, "unsupported")
-            elif row is None:
-                if self.config.probes_allow_cold_load and name in installed:
-                    jobs.append(Job(name, kind, None, jitter=random.uniform(0, self.jitter_max)))
-                    self._state.setdefault(name, _ModelState()).running = True
-                else:
-                    self._skip(name, "not_loaded")
-            else:
-                state = self._state.setdefault(name, _ModelState())
-                reason = self._gate(row, state, now)
-                if reason:
-                    self._skip(name, reason)
-                    continue
-                state.running = True
-                num_ctx = row.context_length if state.strategy == "num_ctx" else None
-                jobs.append(Job(name, kind, row, num_ctx, random.uniform(0, self.jitter_max)))
+        for t in targets(snapshot, self.config.probes_models):
+            state = self._state.setdefault(t.model, _ModelState())
+            reason = t.refusal(self.config.probes_allow_cold_load) or (self._gate(t.row, state, now) if t.row else "")
+            if reason:
+                self._skip(t.model, reason)
+                continue
+            state.running = True
+            num_ctx = t.row.context_length if t.row and state.strategy == "num_ctx" else None
+            jobs.append(Job(t.model, t.kind, t.row, num_ctx, random.uniform(0, self.jitter_max)))
         self._planned_before = True
         return jobs
 
