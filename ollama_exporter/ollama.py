@@ -12,6 +12,7 @@ import calendar
 import json
 import re
 import time
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import requests
@@ -43,8 +44,7 @@ class OllamaClient:
     # --- endpoints ---
 
     def version(self) -> str:
-        body = self._call("GET", "/api/version")
-        version = body.get("version") if isinstance(body, dict) else None
+        version = self._object("GET", "/api/version").get("version")
         if not isinstance(version, str):
             raise OllamaError("invalid_response", "/api/version: no string `version` in the answer")
         return version
@@ -56,17 +56,11 @@ class OllamaClient:
         return [parse_installed(row) for row in _models(self._call("GET", "/api/tags"), "/api/tags")]
 
     def show(self, name: str) -> ShowInfo:
-        body = self._call("POST", "/api/show", {"model": name})
-        if not isinstance(body, dict):
-            raise OllamaError("invalid_response", f"/api/show {name}: answer is not a JSON object")
-        return parse_show(body)
+        return parse_show(self._object("POST", "/api/show", {"model": name}))
 
     def embed(self, payload: dict, timeout: float) -> dict:
         """POST /api/embed (an inference request: it goes through Ollama's scheduler)."""
-        body = self._call("POST", "/api/embed", payload, timeout)
-        if not isinstance(body, dict):
-            raise OllamaError("invalid_response", "/api/embed: answer is not a JSON object")
-        return body
+        return self._object("POST", "/api/embed", payload, timeout)
 
     def stream(self, path: str, payload: dict, timeout: float) -> Iterator[tuple[float, Any]]:
         """POST a streaming request; yield (time.monotonic() when the line arrived, parsed line) per NDJSON line.
@@ -76,24 +70,20 @@ class OllamaClient:
         total, and OllamaError with the HTTP status when the server refuses before streaming.
         """
         deadline = time.monotonic() + timeout
-        try:
-            with self.session.post(self.base_url + path, json=payload, timeout=timeout, stream=True) as resp:
-                if resp.status_code >= 400:
-                    self._raise_http(path, resp.status_code, _read_body(resp, deadline, path))
-                buffer = b""
-                for chunk in _chunks(resp, deadline):
-                    arrived = time.monotonic()
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        if line.strip():
-                            yield arrived, _json_line(path, line)
-                if buffer.strip():
-                    yield time.monotonic(), _json_line(path, buffer)
-        except requests.Timeout:
-            raise OllamaError("timeout", f"{path}: not finished within {timeout:g}s") from None
-        except requests.RequestException as exc:
-            raise OllamaError("connection", f"{path}: {_root_cause(exc)}") from None
+        with self._transport_errors(path, timeout), \
+                self.session.post(self.base_url + path, json=payload, timeout=timeout, stream=True) as resp:
+            if resp.status_code >= 400:
+                self._raise_http(path, resp.status_code, _read_body(resp, deadline, path))
+            buffer = b""
+            for chunk in _chunks(resp, deadline):
+                arrived = time.monotonic()
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield arrived, _json_line(path, line)
+            if buffer.strip():
+                yield time.monotonic(), _json_line(path, buffer)
 
     # --- transport ---
 
@@ -102,21 +92,34 @@ class OllamaClient:
         url = self.base_url + path
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        try:
-            with self.session.request(method, url, json=payload, timeout=timeout, stream=True) as resp:
-                body = _read_body(resp, deadline, path)
-        except requests.Timeout:
-            raise OllamaError("timeout", f"{path}: no answer within {timeout:g}s") from None
-        except requests.ConnectionError as exc:
-            raise OllamaError("connection", f"{path}: cannot connect to {self.base_url}: {_root_cause(exc)}") from None
-        except requests.RequestException as exc:
-            raise OllamaError("connection", f"{path}: {_root_cause(exc)}") from None
+        with self._transport_errors(path, timeout), \
+                self.session.request(method, url, json=payload, timeout=timeout, stream=True) as resp:
+            body = _read_body(resp, deadline, path)
         if resp.status_code >= 400:
             self._raise_http(path, resp.status_code, body)
         try:
             return json.loads(body)
         except ValueError:
             raise OllamaError("invalid_response", f"{path}: answer is not valid JSON: {body[:80]!r}") from None
+
+    def _object(self, method: str, path: str, payload: Optional[dict] = None,
+                timeout: Optional[float] = None) -> dict:
+        body = self._call(method, path, payload, timeout)
+        if not isinstance(body, dict):
+            raise OllamaError("invalid_response", f"{path}: answer is not a JSON object")
+        return body
+
+    @contextmanager
+    def _transport_errors(self, path: str, timeout: float) -> Iterator[None]:
+        """requests' failures as OllamaError: timeout (past the deadline) or connection (anything else)."""
+        try:
+            yield
+        except requests.Timeout:
+            raise OllamaError("timeout", f"{path}: not answered within {timeout:g}s") from None
+        except requests.ConnectionError as exc:
+            raise OllamaError("connection", f"{path}: connection to {self.base_url} failed: {_root_cause(exc)}") from None
+        except requests.RequestException as exc:
+            raise OllamaError("connection", f"{path}: {_root_cause(exc)}") from None
 
     @staticmethod
     def _raise_http(path: str, status: int, body: bytes) -> None:
