@@ -54,6 +54,7 @@ class GpuSource:
         self.driver_version = ""
         self._unsupported: set[tuple[str, str]] = set()  # (uuid, field) the GPU said it does not have
         self._identity: dict[int, tuple[str, str, str]] = {}  # index -> (uuid, name, pci bus id)
+        self._identified: set[int] = set()  # indices whose identity was read since NVML was (re)initialised
         self._init_backoff = Backoff(interval)  # between failed initialisations
         self._last_error: Optional[SourceError] = None
         self._lost_backoff = Backoff(interval)  # between re-initialisations while a GPU is lost
@@ -72,6 +73,7 @@ class GpuSource:
         except Exception as exc:  # pynvml.NVMLError and NVMLLibraryMismatchError (not an NVMLError)
             raise SourceError(_reason(exc), f"NVML initialisation failed: {exc}") from None
         self.nv = pynvml
+        self._identified.clear()  # handles may have been re-enumerated; the old identities stay as fallback
         log.info("NVML initialised, driver %s", self.driver_version)
 
     def _ensure_started(self) -> None:
@@ -124,8 +126,10 @@ class GpuSource:
         nv = self.nv
         try:
             handle = nv.nvmlDeviceGetHandleByIndex(index)
-            self._identity[index] = (_text(nv.nvmlDeviceGetUUID(handle)), _text(nv.nvmlDeviceGetName(handle)),
-                                     _text(nv.nvmlDeviceGetPciInfo(handle).busId))
+            if index not in self._identified:  # static: read once per initialisation
+                self._identity[index] = (_text(nv.nvmlDeviceGetUUID(handle)), _text(nv.nvmlDeviceGetName(handle)),
+                                         _text(nv.nvmlDeviceGetPciInfo(handle).busId))
+                self._identified.add(index)
         except Exception as exc:
             errors.append(_reason(exc))
             return self._down(index)
