@@ -135,8 +135,10 @@ def test_exposition_renders_once_per_snapshot_and_serves_every_variant():
         assert not gz and gz2 and gzip.decompress(zipped) == plain
         assert ctype.startswith("text/plain; version=0.0.4") and om_type.startswith("application/openmetrics-text")
         assert sample(plain.decode(), "ollama_up") == 1 and b"# EOF" in om
-        exp.update(Snapshot.empty(1.0))
-        assert len(calls) == 3 and sample(exp.get()[0].decode(), "ollama_up") == 0
+        exp.update(Snapshot.empty(1.0))  # renders the default and the OpenMetrics variant a scraper asked for
+        assert len(calls) == 4 and sample(exp.get()[0].decode(), "ollama_up") == 0
+        exp.get("application/openmetrics-text; version=1.0.0", "")
+        assert len(calls) == 4  # the scrape only copied bytes
     finally:
         metrics.collect = original
 
