@@ -153,8 +153,7 @@ class _ModelState:
     baseline: Optional[float] = None  # expires_at as our last probe (or first sight) left it
     running: bool = False
     backoff_until: float = 0.0
-    strategy: str = "num_ctx"
-    confirmed: bool = False  # the strategy has been seen not to cause a load
+    strategy: str = "num_ctx"  # kept until it causes a load: what works is what is remembered
 
 
 @dataclass
@@ -351,12 +350,9 @@ class Prober:
                 if job.row is not None:  # it was resident: our request made it reload
                     state.backoff_until = self.clock() + self.backoff_seconds
                     state.strategy = STRATEGIES[1 - STRATEGIES.index(state.strategy)]
-                    state.confirmed = False
                     log.warning("probe of %s caused a reload; pausing its probes for %gs, next with num_ctx %s",
                                 job.model, self.backoff_seconds,
                                 "omitted" if state.strategy == "omit" else "from /api/ps")
-            elif result.ok:
-                state.confirmed = True
             stats.record(result, self.clock())
         if not result.ok:
             log.info("probe of %s failed (%s): %s", job.model, result.reason, result.message)
