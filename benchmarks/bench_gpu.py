@@ -5,7 +5,7 @@ and an RTX 4090, four runner processes), and re-runs itself with LD_LIBRARY_PATH
 real pynvml bindings load the fake. Reports wall and CPU time per GpuSource.sample() and the number of
 NVML calls it makes. The fake answers in nanoseconds, so this measures the exporter's own overhead
 (pynvml's ctypes marshalling, our code, /proc reads); a real driver adds its per-call latency
-(~0.1-0.4 ms per call on real GPUs, see shared/reference/gpu-telemetry.md §7) times the call count.
+(~0.1-0.4 ms per call on real GPUs, as reported for dcgm-exporter and nvidia-smi) times the call count.
 
 Usage: .venv/bin/python benchmarks/bench_gpu.py [--samples 2000]
 """

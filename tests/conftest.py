@@ -16,15 +16,12 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "ollama"
+FIXTURES = REPO / "tests" / "fixtures" / "ollama"  # captured real responses; see PROVENANCE.md there
 
 
 def fixture_files(kind: str, pattern: str = "*") -> list[Path]:
-    files = sorted((FIXTURES / "api" / kind).glob(pattern))
-    if not files:
-        pytest.fail(f"no fixtures under {FIXTURES / 'api' / kind}: is ../shared beside the repository?")
-    return files
+    """Captured files under tests/fixtures/ollama/api/<kind>; test_repository checks none is missing."""
+    return sorted((FIXTURES / "api" / kind).glob(pattern))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -13,16 +13,14 @@ from typing import Any, Iterator
 import pytest
 import requests
 
+from tests.conftest import FIXTURES
 from tests.fakes.ollama import BUSY_MESSAGE, FOREVER_NS, FakeOllama, go_time, parse_keep_alive
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "ollama"
 API = FIXTURES / "api"
 TS_LOCAL = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}\+05:30$")
 TS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
 METRICS = ["total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
            "eval_duration"]
-
-pytestmark = pytest.mark.skipif(not API.is_dir(), reason=f"fixtures not found at {API}")
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ real binding code: symbol lookup, struct layouts, ``_v2`` version fields, the tw
 ``NVMLError_*`` classes. The library reads its state from a text file named by ``FAKE_NVML_CONFIG``
 and re-reads it whenever the file changes, so a test can change GPU state (lose a GPU, add a
 process, make a call slow) while an exporter process runs. Behaviour follows
-/work/shared/reference/gpu-telemetry.md §4-§7; see :class:`FakeGpu` for what each field models.
+NVIDIA's NVML API reference and nvidia-ml-py; see :class:`FakeGpu` for what each field models.
 
 Usage from a test::
 

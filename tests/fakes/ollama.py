@@ -2,8 +2,8 @@
 
 The exporter has to be tested against Ollama's real response shapes and scheduler quirks (old
 versions included) without a GPU or an Ollama binary. This module emulates what an exporter
-touches, as documented in /work/shared/reference/ollama-api.md (read from the Go source) and
-checked against the captured bodies in /work/shared/fixtures/ollama/:
+touches, as read from Ollama's Go source and checked against the captured bodies in
+tests/fixtures/ollama/:
 
 * gin routing: unknown path -> text ``404 page not found``, wrong method -> text ``405 method not
   allowed``; no ``/metrics`` or ``/api/stats`` (Ollama has none).
