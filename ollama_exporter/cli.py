@@ -1,92 +1,97 @@
 """Command line: `ollama-exporter` runs the daemon; every config key is also a flag (config.KEYS).
 
-Flags follow Prometheus exporter style (`--web.listen-address`, `--config.file`). A bad setting
-prints one line naming the key and exits with status 2; no traceback reaches the operator.
+Flags follow Prometheus exporter style (`--web.listen-address`, `--config.file`), and each can be set by
+an environment variable too (`OLLAMA_EXPORTER_POLL_INTERVAL`). A bad setting prints one line naming
+the key and exits with status 2; no traceback reaches the operator. Options given before a
+subcommand (`ollama-exporter --ollama.url X probe`) apply to it, as do its own.
 """
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
-import threading
 from typing import Any, Optional
 
 import click
 
-from ollama_exporter import __version__
-from ollama_exporter.config import KEYS, Config, ConfigError, build_config, flag_name
-from ollama_exporter.exposition import Exposition, render
-from ollama_exporter.gpu import GpuSource
-from ollama_exporter.ollama import OllamaClient
-from ollama_exporter.poller import Poller
-from ollama_exporter.prober import Prober
-from ollama_exporter.server import MetricsServer
-from ollama_exporter.snapshot import GpuState, SourceError
-from ollama_exporter.webconfig import WebConfig, load_web_config
-
-log = logging.getLogger("ollama_exporter")
+from ollama_exporter import __version__, logformat
+from ollama_exporter.config import KEYS, Config, ConfigError, build_config, config_file_from, flag_name
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _config_options(func):
-    """Attach one flag per config key, each defaulting to None so we know which were given."""
+    """Attach one flag per config key, each defaulting to None (or ()) so we know which were given."""
     for key in reversed(KEYS):
+        if key.file_only:
+            continue
         if key.is_flag:
             negative = "--no-" + flag_name(key)[2:]
             func = click.option(f"{flag_name(key)}/{negative}", key.field, default=None, help=key.help)(func)
         else:
-            func = click.option(flag_name(key), key.field, default=None, metavar=key.metavar, help=key.help)(func)
+            func = click.option(flag_name(key), key.field, default=None, metavar=key.metavar, help=key.help,
+                                multiple=key.multiple)(func)
     return click.option("--config.file", "config_file", default=None, metavar="FILE",
-                        help="YAML configuration file; flags override its values.")(func)
+                        help="YAML configuration file; environment variables and flags override its values.")(func)
 
 
-def load_config(config_file: Optional[str], options: dict[str, Any]) -> Config:
-    flags = {key.name: options.get(key.field) for key in KEYS}
+def flags_of(options: dict[str, Any]) -> dict[str, Any]:
+    return {key.name: options.get(key.field) for key in KEYS if not key.file_only}
+
+
+def fail(message: str, status: int = 2) -> None:
+    click.echo(f"ollama-exporter: error: {message}", err=True)
+    sys.exit(status)
+
+
+def load_config(config_file: Optional[str], flags: dict[str, Any]) -> Config:
     try:
-        return build_config(config_file, flags)
+        return build_config(config_file_from(config_file), flags)
     except ConfigError as exc:
-        click.echo(f"ollama-exporter: error: {exc}", err=True)
-        sys.exit(2)
+        fail(str(exc))
+        raise  # unreachable: fail() exits
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="time=%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+def subcommand_config(ctx: click.Context, config_file: Optional[str], options: dict[str, Any]) -> Config:
+    """The group's options overlaid with the subcommand's own (which win)."""
+    group_file, group_flags = ctx.obj or (None, {})
+    flags = {**group_flags, **{k: v for k, v in flags_of(options).items() if v is not None and v != ()}}
+    return load_config(config_file or group_file, flags)
 
 
 @click.group(context_settings=CONTEXT, invoke_without_command=True)
 @_config_options
 @click.option("--once", is_flag=True, help="Poll once, print the metrics to stdout and exit.")
+@click.option("--config.check", "check", is_flag=True,
+              help="Check --config.file and --web.config.file, print what is wrong (exit 2) or OK (exit 0).")
 @click.version_option(__version__, "--version", prog_name="ollama-exporter")
 @click.pass_context
-def main(ctx: click.Context, config_file: Optional[str], once: bool, **options: Any) -> None:
+def main(ctx: click.Context, config_file: Optional[str], once: bool, check: bool, **options: Any) -> None:
     """Prometheus exporter for Ollama: polls Ollama's API and serves the results on /metrics.
 
     `ollama-exporter probe` measures latency once and prints a table instead.
     """
+    flags = flags_of(options)
     if ctx.invoked_subcommand is not None:
+        ctx.obj = (config_file, flags)
         return
-    config = load_config(config_file, options)
+    config = load_config(config_file, flags)
+    from ollama_exporter.daemon import Daemon, check_config, poll_once
+
     try:
-        web = load_web_config(config.web_config_file) if config.web_config_file and not once else None
+        if check:
+            click.echo(check_config(config))
+            return
+        logformat.setup(config.log_level, config.log_format)
+        if once:
+            click.echo(poll_once(config).decode(), nl=False)
+            return
+        daemon = Daemon(config_file_from(config_file), flags, config)
+        daemon.start()
     except ConfigError as exc:
-        click.echo(f"ollama-exporter: error: {exc}", err=True)
-        sys.exit(2)
-    setup_logging(config.log_level)
-    client = OllamaClient(config.ollama_url, config.ollama_timeout)
-    gpu, gpu_off_state = make_gpu_source(config)
-    poller = Poller(client, config.poll_interval, gpu=gpu, gpu_off_state=gpu_off_state)
-    if once:
-        body, _ = render(poller.poll_once())
-        click.echo(body.decode(), nl=False)
-        return
-    serve(config, poller, client, web)
+        fail(str(exc))
+    except OSError as exc:
+        fail(str(exc), 1)
+    daemon.run()
 
 
 @main.command(context_settings=CONTEXT)
@@ -94,7 +99,8 @@ def main(ctx: click.Context, config_file: Optional[str], once: bool, **options: 
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="Model to probe (repeatable). Default: probes.models, else every resident model.")
 @click.option("--count", default=1, show_default=True, type=click.IntRange(1, 1000), help="Probes per model.")
-def probe(config_file: Optional[str], models: tuple[str, ...], count: int, **options: Any) -> None:
+@click.pass_context
+def probe(ctx: click.Context, config_file: Optional[str], models: tuple[str, ...], count: int, **options: Any) -> None:
     """Probe models now and print TTFT, TPOT, end-to-end time and Ollama's own timings.
 
     Like the daemon's probes it never loads a model that is not loaded (unless probes.allow_cold_load)
@@ -102,54 +108,6 @@ def probe(config_file: Optional[str], models: tuple[str, ...], count: int, **opt
     """
     from ollama_exporter.probe_table import run_probe_command
 
-    config = load_config(config_file, options)
-    setup_logging("warning" if config.log_level == "info" else config.log_level)
+    config = subcommand_config(ctx, config_file, options)
+    logformat.setup("warn" if config.log_level == "info" else config.log_level, config.log_format)
     sys.exit(run_probe_command(config, models, count, click.echo))
-
-
-def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuState]]:
-    """The GPU source for gpu.enabled, or what the snapshot says instead: nothing (false) or nvml_up 0."""
-    if config.gpu_enabled == "false":
-        return None, None
-    source = GpuSource(config.poll_interval)
-    try:
-        source.start()
-    except SourceError as exc:
-        if config.gpu_enabled == "true":
-            click.echo(f"ollama-exporter: error: gpu.enabled is true but NVML cannot be used: {exc}", err=True)
-            sys.exit(2)
-        if exc.reason == "library_not_found":
-            log.info("running without GPU metrics: %s", exc)
-            return None, GpuState(nvml_up=False)
-        log.warning("NVML is not ready, retrying with backoff: %s", exc)
-    return source, None
-
-
-def serve(config: Config, poller: Poller, client: OllamaClient, web: Optional[WebConfig] = None) -> None:
-    """Run the poll loop, the prober and the HTTP server until SIGTERM or SIGINT."""
-    exposition = Exposition()
-    poller.subscribe(exposition.update)
-    host, port = config.listen
-    try:
-        server = MetricsServer(host, port, exposition, config.ollama_url, web)
-    except OSError as exc:
-        click.echo(f"ollama-exporter: error: cannot listen on {config.web_listen_address}: {exc.strerror or exc}",
-                   err=True)
-        sys.exit(1)
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    threading.Thread(target=poller.run, args=(stop,), name="poller", daemon=True).start()
-    if config.probes_enabled:
-        prober = Prober(client, config, lambda: poller.snapshot)
-        poller.probe_stats = prober.stats
-        threading.Thread(target=prober.run, args=(stop,), name="prober", daemon=True).start()
-    server.start()
-    log.info("ollama-exporter %s polling %s every %gs, listening on %s", __version__, config.ollama_url,
-             config.poll_interval, config.web_listen_address)
-    while not stop.wait(1.0):
-        pass
-    log.info("shutting down")
-    server.shutdown()
-    server.server_close()

@@ -1,93 +1,328 @@
-"""Render the exposition once per snapshot and hand the same bytes to every scrape.
+"""Render each snapshot once, in the formats scrapers ask for, and hand the same bytes to every scrape.
 
-Rendering thousands of series with prometheus_client costs tens of milliseconds, and the data only
-changes once per poll, so a scrape must not pay for it. `Exposition.update` renders, in the poll thread,
-every format scrapers have negotiated so far (text 0.0.4 always; OpenMetrics, which Prometheus asks for,
-once it has been asked for), plain and gzipped as they were requested.
+Between two polls almost nothing changes (the inventory, model info and capabilities are static; a few
+gauges move), so rendering costs what changed: each family keeps the lines of its last rendition keyed
+by (label values, value), and a family whose rows are all unchanged reuses its text whole. The text
+format and OpenMetrics share those sample lines and differ only in a few header lines and `# EOF`, and
+the gzip variant compresses each family on its own (a deflate block ended by a full flush does not
+depend on what came before), so an unchanged family is compressed once, not once per poll.
+
+The output is byte for byte what prometheus_client's own encoders write for the same families
+(tests/test_exposition.py proves it, escaping included). Formats are a fixed set: text 0.0.4 and
+OpenMetrics 1.0.0, plain or gzipped; whatever a client writes in its Accept header maps onto them. A
+format is rendered, in the poll thread, only while scrapers have asked for it recently; until then a
+scrape gets the text format (which every Prometheus-compatible scraper accepts). A scrape never renders
+and never takes a lock: it reads one dict that update() replaces whole.
+
+If a family cannot be rendered (it should not happen: values are validated where Ollama's answers are
+parsed), its last good rendition is served, the failure is counted in
+ollama_exporter_render_failures_total, and `healthy` is False until a render succeeds again.
 """
 
 from __future__ import annotations
 
-import gzip
+import logging
 import threading
-from typing import Callable
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Optional
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.utils import floatToGoString
 
-from ollama_exporter.metrics import SnapshotCollector
-from ollama_exporter.snapshot import Snapshot
+from ollama_exporter.metrics import DEFS, Def, Family, collect
+from ollama_exporter.snapshot import HistogramValue, Snapshot
 
-MAX_VARIANTS = 8  # content types are client-chosen; bound what one snapshot may hold
+log = logging.getLogger(__name__)
+
+TEXT, OPENMETRICS = "text", "openmetrics"
+CONTENT_TYPES = {TEXT: "text/plain; version=0.0.4; charset=utf-8",
+                 OPENMETRICS: "application/openmetrics-text; version=1.0.0; charset=utf-8"}
+WANTED_FOR = 900.0  # seconds a format stays rendered after the last scrape that asked for it
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, no mtime, unknown OS (RFC 1952)
+_FINAL_BLOCK = b"\x03\x00"  # an empty final fixed-Huffman deflate block
+
+
+# --- content negotiation: a client's headers map onto a fixed set of variants ---
+
+
+def _ranges(header: str) -> Iterable[tuple[str, dict[str, str], float]]:
+    """(media range or coding, parameters, q) for each comma-separated item of an Accept(-Encoding) header."""
+    for item in header.split(",")[:32]:
+        name, *params = (p.strip() for p in item.split(";"))
+        values = {}
+        for param in params:
+            key, _, value = param.partition("=")
+            values[key.strip().lower()] = value.strip()
+        try:
+            q = min(max(float(values.pop("q", "1")), 0.0), 1.0)
+        except ValueError:
+            q = 0.0
+        yield name.lower(), values, q
+
+
+def negotiate(accept: str) -> str:
+    """TEXT or OPENMETRICS for an Accept header: OpenMetrics only when preferred to the text format."""
+    best_om, best_text = 0.0, 0.0
+    for name, params, q in _ranges(accept or ""):
+        if name == "application/openmetrics-text" and params.get("version", "1.0.0") in ("1.0.0", "0.0.1"):
+            best_om = max(best_om, q)
+        elif name in ("text/plain", "text/*", "*/*"):
+            best_text = max(best_text, q)
+    return OPENMETRICS if best_om > best_text else TEXT
+
+
+def gzip_accepted(accept_encoding: str) -> bool:
+    """True when the client takes gzip with q > 0 (`gzip;q=0` means no)."""
+    q = {name: q for name, _, q in _ranges(accept_encoding or "")}
+    return q.get("gzip", q.get("*", 0.0)) > 0
+
+
+# --- the writer: families to text, reusing what did not change ---
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a Def needs for fast lines: its label names sorted, and where each sorted name comes from."""
+
+    order: tuple[int, ...]
+    names: tuple[str, ...]
+    le_at: int  # where `le` goes among the sorted names (histograms)
+
+    @classmethod
+    def of(cls, d: Def) -> "_Shape":
+        order = tuple(sorted(range(len(d.labels)), key=lambda i: d.labels[i]))
+        names = tuple(d.labels[i] for i in order)
+        return cls(order, names, sum(1 for n in names if n < "le"))
+
+
+class _FamilyText:
+    """The last rendition of one family: its rows, their lines, and its body in each format."""
+
+    __slots__ = ("rows", "lines", "body", "deflated")
+
+    def __init__(self, rows: list, lines: dict, body: str):
+        self.rows, self.lines, self.body = rows, lines, body
+        self.deflated: dict[str, tuple[bytes, bytes]] = {}  # format -> (encoded body, its deflate block)
+
+
+class Writer:
+    """Families to the text format and OpenMetrics, family by family, reusing unchanged lines."""
+
+    def __init__(self) -> None:
+        self._shapes = {name: _Shape.of(d) for name, d in DEFS.items()}
+        self._last: dict[str, _FamilyText] = {}
+        self.failures = 0
+
+    def render(self, families: Iterable[Family], fmt: str, gzipped: bool) -> tuple[bytes, bool]:
+        """One variant of one set of families; returns (body, every family rendered fresh)."""
+        prepared, ok = self.prepare(families)
+        return self.encode(prepared, fmt, gzipped), ok
+
+    def prepare(self, families: Iterable[Family]) -> tuple[list[tuple[Def, "_FamilyText"]], bool]:
+        """Each family's text (fresh, reused, or its last good one); ok is False if one had to fall back."""
+        prepared, ok = [], True
+        for family in families:
+            text, fresh = self._family(family)
+            ok = ok and fresh
+            if text is not None:
+                prepared.append((family.d, text))
+        return prepared, ok
+
+    def encode(self, prepared: list[tuple[Def, "_FamilyText"]], fmt: str, gzipped: bool) -> bytes:
+        return b"".join(self._encoded(d, text, fmt, gzipped) for d, text in prepared)
+
+    def forget(self, keep: set[str]) -> None:
+        for name in [n for n in self._last if n not in keep]:
+            del self._last[name]
+
+    def _family(self, family: Family) -> tuple[Optional[_FamilyText], bool]:
+        name = family.d.name
+        last = self._last.get(name)
+        if last is not None and last.rows == family.rows:
+            return last, True
+        try:
+            old = last.lines if last is not None else {}
+            lines: dict = {}
+            for row in family.rows:
+                line = old.get(row) or lines.get(row) or self._line(family.d, row)
+                lines[row] = line
+            text = _FamilyText(list(family.rows), lines, "".join(lines[row] for row in family.rows))
+            text.body.encode("utf-8")  # fail here, not in the middle of a response
+        except Exception:  # noqa: BLE001 - one bad family must not take the exposition down
+            self.failures += 1
+            log.error("cannot render a metric family, serving its last good rendition", exc_info=True,
+                      extra={"metric": name})
+            return last, False
+        self._last[name] = text
+        return text, True
+
+    def _line(self, d: Def, row: tuple) -> str:
+        labels, value = row
+        shape = self._shapes.get(d.name) or _Shape.of(d)
+        pairs = [f'{shape.names[j]}="{_escape(labels[i])}"' for j, i in enumerate(shape.order)]
+        if not isinstance(value, HistogramValue):
+            return f"{d.name}{{{','.join(pairs)}}} {floatToGoString(value)}\n" if pairs else \
+                f"{d.name} {floatToGoString(value)}\n"
+        out = []
+        for bound, count in list(zip(value.buckets, value.counts)) + [(float("inf"), value.count)]:
+            with_le = pairs[:shape.le_at] + [f'le="{floatToGoString(bound)}"'] + pairs[shape.le_at:]
+            out.append(f"{d.name}_bucket{{{','.join(with_le)}}} {floatToGoString(count)}\n")
+        braces = f"{{{','.join(pairs)}}}" if pairs else ""
+        out.append(f"{d.name}_count{braces} {floatToGoString(value.count)}\n")
+        out.append(f"{d.name}_sum{braces} {floatToGoString(value.sum)}\n")
+        return "".join(out)
+
+    @staticmethod
+    def header(d: Def, fmt: str) -> str:
+        name = d.name
+        if fmt == OPENMETRICS:
+            if d.kind == "counter":
+                name = name[:-6]
+            help_text = d.help.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        else:
+            help_text = d.help.replace("\\", "\\\\").replace("\n", "\\n")
+        return f"# HELP {name} {help_text}\n# TYPE {name} {d.kind}\n"
+
+    def _encoded(self, d: Def, text: _FamilyText, fmt: str, gzipped: bool) -> bytes:
+        cached = text.deflated.get(fmt)
+        if cached is None or (gzipped and not cached[1]):
+            raw = (self.header(d, fmt) + text.body).encode("utf-8")
+            block = _deflate_block(raw) if gzipped else b""
+            cached = text.deflated[fmt] = (raw, block)
+        return cached[1] if gzipped else cached[0]
+
+
+def _deflate_block(data: bytes) -> bytes:
+    """Raw deflate of `data`, ended by a full flush: it decodes the same whatever precedes it."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+
+def gzip_member(blocks: bytes, plain: bytes) -> bytes:
+    """A complete gzip member from concatenated full-flushed deflate blocks and the plain text they hold."""
+    return (_GZIP_HEADER + blocks + _FINAL_BLOCK
+            + zlib.crc32(plain).to_bytes(4, "little") + (len(plain) & 0xFFFFFFFF).to_bytes(4, "little"))
+
+
+# --- the runtime metrics (process_*, python_*), from prometheus_client's own collectors ---
+
+
+def _runtime_registry() -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def _runtime(registry: Optional[CollectorRegistry], fmt: str) -> bytes:
+    if registry is None:
+        return b""
+    if fmt == OPENMETRICS:
+        return generate_openmetrics(registry)[: -len(b"# EOF\n")]
+    return generate_latest(registry)
+
+
+# --- one-off rendering (--once, /probe) and the daemon's per-snapshot cache ---
 
 
 def render(snapshot: Snapshot, accept: str = "") -> tuple[bytes, str]:
-    """Encode one snapshot alone (no runtime metrics) in the format `accept` negotiates; for --once."""
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(SnapshotCollector(lambda: snapshot))
-    encoder, content_type = choose_encoder(accept)
-    return encoder(registry), content_type
+    """Encode one snapshot alone (no runtime metrics) in the format `accept` negotiates."""
+    fmt = negotiate(accept)
+    body, _ = Writer().render(collect(snapshot), fmt, gzipped=False)
+    return body + (b"# EOF\n" if fmt == OPENMETRICS else b""), CONTENT_TYPES[fmt]
+
+
+@dataclass(frozen=True)
+class Body:
+    data: bytes
+    content_type: str
+    gzipped: bool
 
 
 class Exposition:
-    """The registry the daemon serves, and a per-snapshot cache of its rendered bodies.
+    """The rendered variants of the latest snapshot, replaced whole by each update()."""
 
-    The registry holds the snapshot collector plus the process/Python runtime collectors. Every render
-    happens under one lock with `_current` fixed, so each cached body describes exactly one snapshot.
-    """
-
-    def __init__(self, runtime_metrics: bool = True):
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(SnapshotCollector(lambda: self._current))
-        if runtime_metrics:
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
-        self._lock = threading.Lock()
+    def __init__(self, runtime_metrics: bool = True, clock=time.monotonic):
+        self.runtime_metrics = runtime_metrics
+        self.clock = clock
+        self._registry = _runtime_registry()
+        self._writer = Writer()
+        self._lock = threading.Lock()  # update() against update(): only the poll thread, plus tests
+        self._wanted: dict[tuple[str, bool], float] = {}  # variant -> when a scrape last asked for it
+        self._bodies: dict[tuple[str, bool], Body] = {}
         self._current = Snapshot.empty()
-        self._cache: dict[tuple[str, bool], bytes] = {}  # (content type, gzipped) -> body of _current
-        encoder, self._default = choose_encoder("")
-        self._encoders: dict[str, Callable] = {self._default: encoder}  # content type -> encoder, once kept
+        self.healthy = True
         self.update(Snapshot.empty())  # until the first poll: ollama_up 0 and the exporter's own metrics
 
     @property
     def snapshot(self) -> Snapshot:
         return self._current
 
+    @property
+    def render_failures(self) -> int:
+        return self._writer.failures
+
     def update(self, snapshot: Snapshot) -> None:
-        """Take a new snapshot and render every variant scrapers have asked for (the default always)."""
+        """Render every variant scrapers asked for recently (text always) and swap them in at once."""
         with self._lock:
-            self._current = snapshot
-            wanted, self._cache = list(self._cache) or [(self._default, False), (self._default, True)], {}
-            for content_type, gzipped in wanted:
-                self._render(content_type, gzipped, self._encoders[content_type])
+            self._render(snapshot)
 
-    def get(self, accept: str = "", accept_encoding: str = "") -> tuple[bytes, str, bool]:
-        """The body for a scrape: (bytes, content type, gzipped?).
+    def _render(self, snapshot: Snapshot) -> None:
+        now = self.clock()
+        families = list(collect(snapshot))
+        failures = DEFS["ollama_exporter_render_failures_total"].family()
+        failures.add((), float(self._writer.failures))
+        families.append(failures)
+        wanted = [v for v, asked in self._wanted.items() if now - asked < WANTED_FOR]
+        variants = dict.fromkeys([(TEXT, False), *wanted])
+        prepared, ok = self._writer.prepare(families)
+        bodies = {(fmt, gzipped): self._variant(prepared, fmt, gzipped) for fmt, gzipped in variants}
+        self._writer.forget({f.d.name for f in families})
+        self._current, self._bodies, self.healthy = snapshot, bodies, ok
 
-        A variant is rendered here only the first time any scraper asks for it; from the next snapshot on,
-        update() renders it in the poll thread, so a scrape only copies bytes.
-        """
-        encoder, content_type = choose_encoder(accept)
-        gzipped = "gzip" in (accept_encoding or "")
-        with self._lock:
-            body = self._cache.get((content_type, gzipped)) or self._render(content_type, gzipped, encoder)
-        return body, content_type, gzipped
-
-    def _render(self, content_type: str, gzipped: bool, encoder: Callable) -> bytes:
-        """Render one variant of the current snapshot (under the lock) and keep it, up to MAX_VARIANTS."""
-        body = self._cache.get((content_type, False))
-        if body is None:
-            body = encoder(self.registry)
-            if self._remember((content_type, False), body):
-                self._encoders[content_type] = encoder
+    def _variant(self, prepared: list, fmt: str, gzipped: bool) -> Body:
+        registry = self._registry if self.runtime_metrics else None
+        tail = _runtime(registry, fmt) + (b"# EOF\n" if fmt == OPENMETRICS else b"")
+        body = self._writer.encode(prepared, fmt, gzipped)
         if gzipped:
-            body = gzip.compress(body, 6)
-            self._remember((content_type, True), body)
+            plain = self._writer.encode(prepared, fmt, False)  # cached per family: costs a join
+            body = gzip_member(body + _deflate_block(tail), plain + tail)
+        else:
+            body += tail
+        return Body(body, CONTENT_TYPES[fmt], gzipped)
+
+    def get(self, accept: str = "", accept_encoding: str = "") -> Body:
+        """The body for a scrape. A variant asked for the first time is rendered in the background and
+        served from then on; meanwhile this scrape gets the closest one already rendered."""
+        variant = (negotiate(accept), gzip_accepted(accept_encoding))
+        now = self.clock()
+        if now - self._wanted.get(variant, -WANTED_FOR) > 1.0:
+            self._wanted[variant] = now  # only a handful of keys: the variants are a fixed set
+        bodies = self._bodies
+        body = bodies.get(variant)
+        if body is None:
+            self._render_soon()
+            body = bodies.get((variant[0], False)) or bodies[(TEXT, False)]
         return body
 
-    def _remember(self, key: tuple[str, bool], body: bytes) -> bool:
-        if len(self._cache) >= MAX_VARIANTS:
-            return False  # content types are client-chosen: past the bound, render without keeping
-        self._cache[key] = body
-        return True
+    def _render_soon(self) -> None:
+        """Render the current snapshot again, in a thread of its own, for a newly wanted variant."""
+        if self._lock.locked():
+            return  # a render is under way; it (or the next poll) picks the new variant up
+
+        def work() -> None:
+            with self._lock:
+                self._render(self._current)
+
+        threading.Thread(target=work, name="render", daemon=True).start()

@@ -2,33 +2,44 @@
 
 This is the only module that knows metric names. Help texts say which Ollama API field each value
 comes from. Series exist only for what the snapshot holds, so a model that is no longer loaded or
-installed loses its gauges on the next poll; counters keep their series (they are cumulative).
+installed loses its gauges on the next poll, and a model forgotten by the poller loses its counters.
+A family here is plain data (label values and numbers); exposition.py turns families into bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-
-from prometheus_client.utils import floatToGoString
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Union
 
 from ollama_exporter import __version__
-from ollama_exporter.snapshot import Snapshot
+from ollama_exporter.snapshot import HistogramValue, Snapshot
+
+KINDS = ("gauge", "counter", "histogram")
 
 
 @dataclass(frozen=True)
 class Def:
     name: str
-    kind: str  # "gauge" or "counter"
+    kind: str  # one of KINDS
     help: str
     labels: tuple[str, ...] = ()
 
-    def family(self) -> Metric:
-        cls = {"counter": CounterMetricFamily, "histogram": HistogramMetricFamily}.get(self.kind, GaugeMetricFamily)
-        return cls(self.name, self.help, labels=self.labels)
+    def family(self) -> "Family":
+        return Family(self)
+
+
+Value = Union[float, HistogramValue]
+
+
+@dataclass
+class Family:
+    """The samples of one metric in one snapshot: (label values in Def.labels order, value) rows."""
+
+    d: Def
+    rows: list[tuple[tuple[str, ...], Value]] = field(default_factory=list)
+
+    def add(self, labels: tuple[str, ...], value: Value) -> None:
+        self.rows.append((labels, value))
 
 
 M = "model"
@@ -85,6 +96,12 @@ DEFS = {d.name: d for d in (
         ("source", "reason")),
     Def("ollama_exporter_snapshot_timestamp_seconds", "gauge",
         "When the poll that produced these metrics finished."),
+    Def("ollama_exporter_config_last_reload_successful", "gauge",
+        "1 if the last reload of --config.file and --web.config.file (SIGHUP or POST /-/reload) succeeded."),
+    Def("ollama_exporter_config_last_reload_success_timestamp_seconds", "gauge",
+        "When the configuration was last loaded successfully (at start or on reload)."),
+    Def("ollama_exporter_render_failures_total", "counter",
+        "Metric families that could not be rendered for a snapshot; their last good rendition was served."),
     # NVIDIA GPUs through NVML
     Def("ollama_gpu_nvml_up", "gauge",
         "1 if NVML (libnvidia-ml) is loaded and initialised and the last GPU sample completed, else 0."),
@@ -172,24 +189,7 @@ DEFS = {d.name: d for d in (
 )}
 
 
-class SnapshotCollector(Collector):
-    """A prometheus_client collector over whatever snapshot `latest` returns.
-
-    describe() lists the families without touching any snapshot, so registering the collector (which
-    calls describe) never waits on Ollama; collect() builds fresh families from the snapshot each time.
-    """
-
-    def __init__(self, latest: Callable[[], Snapshot]):
-        self._latest = latest
-
-    def describe(self) -> Iterator[Metric]:
-        return (d.family() for d in DEFS.values())
-
-    def collect(self) -> Iterator[Metric]:
-        return collect(self._latest())
-
-
-def _families(*names: str) -> list[Metric]:
+def _families(*names: str) -> list[Family]:
     return [DEFS[n].family() for n in names]
 
 
@@ -197,7 +197,7 @@ def _opt(value: Optional[float]) -> bool:
     return value is not None
 
 
-def collect(snapshot: Snapshot) -> Iterator[Metric]:
+def collect(snapshot: Snapshot) -> Iterator[Family]:
     """All metric families for one snapshot, built fresh (safe to call concurrently)."""
     yield from _server(snapshot)
     yield from _installed(snapshot)
@@ -209,67 +209,74 @@ def collect(snapshot: Snapshot) -> Iterator[Metric]:
         yield from _probes(snapshot)
 
 
-def _server(s: Snapshot) -> Iterable[Metric]:
+def _server(s: Snapshot) -> Iterable[Family]:
     up, build = _families("ollama_up", "ollama_build_info")
-    up.add_metric([], 1.0 if s.up else 0.0)
+    up.add((), 1.0 if s.up else 0.0)
     if s.version is not None:
-        build.add_metric([s.version], 1.0)
+        build.add((s.version,), 1.0)
     return up, build
 
 
-def _installed(s: Snapshot) -> Iterable[Metric]:
+def _installed(s: Snapshot) -> Iterable[Family]:
     info, size, ctx, params, caps = _families(
         "ollama_model_info", "ollama_model_size_bytes", "ollama_model_context_length",
         "ollama_model_parameters", "ollama_model_capability")
     for m in s.installed:
         show, d = m.show, m.merged_details
-        info.add_metric([m.name, m.digest, d.family, d.parameter_size, d.quantization_level, d.format], 1.0)
-        size.add_metric([m.name], m.size)
+        info.add((m.name, m.digest, d.family, d.parameter_size, d.quantization_level, d.format), 1.0)
+        size.add((m.name,), m.size)
         if show is not None and _opt(show.context_length):
-            ctx.add_metric([m.name], show.context_length)
+            ctx.add((m.name,), show.context_length)
         if show is not None and _opt(show.parameter_count):
-            params.add_metric([m.name], show.parameter_count)
+            params.add((m.name,), show.parameter_count)
         for cap in sorted(set(m.merged_capabilities)):
-            caps.add_metric([m.name, cap], 1.0)
+            caps.add((m.name, cap), 1.0)
     return info, size, ctx, params, caps
 
 
-def _loaded(s: Snapshot) -> Iterable[Metric]:
+def _loaded(s: Snapshot) -> Iterable[Family]:
     size, vram, expiry, ctx = _families(
         "ollama_loaded_model_size_bytes", "ollama_loaded_model_vram_bytes",
         "ollama_loaded_model_expiry_timestamp_seconds", "ollama_loaded_model_context_length")
     for m in s.loaded:
-        size.add_metric([m.name], m.size)
+        size.add((m.name,), m.size)
         if _opt(m.size_vram):
-            vram.add_metric([m.name], m.size_vram)
+            vram.add((m.name,), m.size_vram)
         if _opt(m.expires_at):
-            expiry.add_metric([m.name], m.expires_at)
+            expiry.add((m.name,), m.expires_at)
         if _opt(m.context_length):
-            ctx.add_metric([m.name], m.context_length)
+            ctx.add((m.name,), m.context_length)
     loads, unloads = _families("ollama_model_loads_total", "ollama_model_unloads_total")
     for name, value in sorted(s.loads_total.items()):
-        loads.add_metric([name], value)
+        loads.add((name,), value)
     for name, value in sorted(s.unloads_total.items()):
-        unloads.add_metric([name], value)
+        unloads.add((name,), value)
     return size, vram, expiry, ctx, loads, unloads
 
 
-def _exporter(s: Snapshot) -> Iterable[Metric]:
+def _exporter(s: Snapshot) -> Iterable[Family]:
     build, up, duration, last, errors, ts = _families(
         "ollama_exporter_build_info", "ollama_exporter_source_up", "ollama_exporter_source_duration_seconds",
         "ollama_exporter_source_last_success_timestamp_seconds", "ollama_exporter_source_errors_total",
         "ollama_exporter_snapshot_timestamp_seconds")
-    build.add_metric([__version__], 1.0)
+    build.add((__version__,), 1.0)
     for src in s.sources:
-        up.add_metric([src.name], 1.0 if src.up else 0.0)
-        duration.add_metric([src.name], src.duration_seconds)
+        up.add((src.name,), 1.0 if src.up else 0.0)
+        duration.add((src.name,), src.duration_seconds)
         if src.last_success is not None:
-            last.add_metric([src.name], src.last_success)
+            last.add((src.name,), src.last_success)
     for (source, reason), value in sorted(s.errors_total.items()):
-        errors.add_metric([source, reason], value)
+        errors.add((source, reason), value)
     if s.ready:
-        ts.add_metric([], s.timestamp)
-    return build, up, duration, last, errors, ts
+        ts.add((), s.timestamp)
+    families = [build, up, duration, last, errors, ts]
+    if s.reload is not None:
+        ok, when = _families("ollama_exporter_config_last_reload_successful",
+                             "ollama_exporter_config_last_reload_success_timestamp_seconds")
+        ok.add((), 1.0 if s.reload.ok else 0.0)
+        when.add((), s.reload.last_success)
+        families += [ok, when]
+    return families
 
 
 # (metric, GpuDevice attribute) for the plain per-GPU gauges and counters
@@ -283,7 +290,7 @@ _GPU_VALUES = (
 )
 
 
-def _gpu(s: Snapshot) -> Iterable[Metric]:
+def _gpu(s: Snapshot) -> Iterable[Family]:
     gpu = s.gpu
     nvml_up, info, up, clock, throttle, ecc, procs, model_mem, unattributed = _families(
         "ollama_gpu_nvml_up", "ollama_gpu_info", "ollama_gpu_up", "ollama_gpu_clock_hertz",
@@ -292,42 +299,37 @@ def _gpu(s: Snapshot) -> Iterable[Metric]:
     values = {name: DEFS[name].family() for name, _ in _GPU_VALUES}
     mig = _families("ollama_gpu_mig_memory_total_bytes", "ollama_gpu_mig_memory_used_bytes",
                     "ollama_gpu_mig_memory_free_bytes")
-    nvml_up.add_metric([], 1.0 if gpu.nvml_up else 0.0)
+    nvml_up.add((), 1.0 if gpu.nvml_up else 0.0)
     if not gpu.devices:
         return [nvml_up]  # no GPU known: say only that, not a page of empty families
     for d in gpu.devices:
-        g = [str(d.index), d.uuid]
-        info.add_metric(g + [d.name, d.pci_bus_id, gpu.driver_version], 1.0)
-        up.add_metric(g, 1.0 if d.up else 0.0)
+        g = (str(d.index), d.uuid)
+        info.add(g + (d.name, d.pci_bus_id, gpu.driver_version), 1.0)
+        up.add(g, 1.0 if d.up else 0.0)
         if not d.up:
             continue
         for name, attr in _GPU_VALUES:
             if _opt(getattr(d, attr)):
-                values[name].add_metric(g, getattr(d, attr))
+                values[name].add(g, getattr(d, attr))
         for name, hertz in d.clocks:
-            clock.add_metric(g + [name], hertz)
+            clock.add(g + (name,), hertz)
         for reason, active in d.throttle:
-            throttle.add_metric(g + [reason], 1.0 if active else 0.0)
+            throttle.add(g + (reason,), 1.0 if active else 0.0)
         for kind, count in d.ecc_errors:
-            ecc.add_metric(g + [kind], count)
+            ecc.add(g + (kind,), count)
         for m in d.mig:
             for family, value in zip(mig, (m.memory_total, m.memory_used, m.memory_free)):
                 if _opt(value):
-                    family.add_metric(g + [str(m.gpu_instance), m.uuid], value)
-        procs.add_metric(g, len(d.processes))
+                    family.add(g + (str(m.gpu_instance), m.uuid), value)
+        procs.add(g, len(d.processes))
     for row in s.model_gpu_memory:
-        model_mem.add_metric([row.model, row.gpu, row.uuid], row.bytes)
+        model_mem.add((row.model, row.gpu, row.uuid), row.bytes)
     for reason, count in sorted(s.gpu_unattributed.items()):
-        unattributed.add_metric([reason], count)
+        unattributed.add((reason,), count)
     return [nvml_up, info, up, *values.values(), clock, throttle, ecc, *mig, procs, model_mem, unattributed]
 
 
-def _histogram(family: Metric, labels: list[str], h) -> None:
-    buckets = [(floatToGoString(b), c) for b, c in zip(h.buckets, h.counts)] + [("+Inf", h.count)]
-    family.add_metric(labels, buckets, h.sum)
-
-
-def _probes(s: Snapshot) -> Iterable[Metric]:
+def _probes(s: Snapshot) -> Iterable[Family]:
     names = ("ollama_probe_ttft_seconds", "ollama_probe_tpot_seconds", "ollama_probe_duration_seconds",
              "ollama_probe_prompt_eval_tokens_total", "ollama_probe_prompt_eval_duration_seconds_total",
              "ollama_probe_eval_tokens_total", "ollama_probe_eval_duration_seconds_total",
@@ -336,24 +338,24 @@ def _probes(s: Snapshot) -> Iterable[Metric]:
              "ollama_probe_last_timestamp_seconds")
     f = dict(zip(names, _families(*names)))
     for model, p in sorted(s.probes.items()):
-        m = [model]
+        m = (model,)
         if p.probes:
-            _histogram(f["ollama_probe_duration_seconds"], m, p.duration)
+            f["ollama_probe_duration_seconds"].add(m, p.duration)
             if p.kind == "generate":
-                _histogram(f["ollama_probe_ttft_seconds"], m, p.ttft)
-                _histogram(f["ollama_probe_tpot_seconds"], m, p.tpot)
+                f["ollama_probe_ttft_seconds"].add(m, p.ttft)
+                f["ollama_probe_tpot_seconds"].add(m, p.tpot)
                 for name, value in (("prompt_eval_tokens", p.prompt_eval_tokens),
                                     ("prompt_eval_duration_seconds", p.prompt_eval_seconds),
                                     ("eval_tokens", p.eval_tokens), ("eval_duration_seconds", p.eval_seconds),
                                     ("load_duration_seconds", p.load_seconds)):
-                    f[f"ollama_probe_{name}_total"].add_metric(m, value)
-            f["ollama_probes_total"].add_metric(m, p.probes)
-            f["ollama_probe_caused_loads_total"].add_metric(m, p.caused_loads)
+                    f[f"ollama_probe_{name}_total"].add(m, value)
+            f["ollama_probes_total"].add(m, p.probes)
+            f["ollama_probe_caused_loads_total"].add(m, p.caused_loads)
             for reason, count in p.failures.items():
-                f["ollama_probe_failures_total"].add_metric(m + [reason], count)
+                f["ollama_probe_failures_total"].add(m + (reason,), count)
         for reason, count in p.skipped.items():
-            f["ollama_probe_skipped_total"].add_metric(m + [reason], count)
+            f["ollama_probe_skipped_total"].add(m + (reason,), count)
         if p.last_success is not None:
-            f["ollama_probe_success"].add_metric(m, 1.0 if p.last_success else 0.0)
-            f["ollama_probe_last_timestamp_seconds"].add_metric(m, p.last_timestamp)
+            f["ollama_probe_success"].add(m, 1.0 if p.last_success else 0.0)
+            f["ollama_probe_last_timestamp_seconds"].add(m, p.last_timestamp)
     return list(f.values())

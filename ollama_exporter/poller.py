@@ -30,6 +30,7 @@ from ollama_exporter.snapshot import (
     GpuState,
     InstalledModel,
     LoadedModel,
+    ReloadStatus,
     ShowInfo,
     Snapshot,
     SourceError,
@@ -116,6 +117,9 @@ class Poller:
         self._previous_loaded: Optional[dict[str, tuple]] = None
         self._version: Optional[str] = None
         self._installed: tuple[InstalledModel, ...] = ()
+        self.reload_status: Optional[ReloadStatus] = None  # set by the daemon, copied into each snapshot
+        self._wake = threading.Event()
+        self._heartbeat: Optional[float] = None  # monotonic time the last poll finished (the loop is alive)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -125,6 +129,17 @@ class Poller:
         """Call `listener` with every new snapshot (from the poll thread)."""
         self._listeners.append(listener)
 
+    def stalled_for(self) -> Optional[float]:
+        """Seconds since the last poll finished, when that is far longer than a poll can take; else None."""
+        if self._heartbeat is None:
+            return None
+        since = time.monotonic() - self._heartbeat
+        return since if since > 3 * self.interval + self.client.timeout + 30 else None
+
+    def wake(self) -> None:
+        """Poll now rather than at the end of the interval (after a reload, say)."""
+        self._wake.set()
+
     def run(self, stop: threading.Event) -> None:
         """Poll every `interval` until `stop` is set; an exception in one poll never ends the loop."""
         while not stop.is_set():
@@ -133,7 +148,9 @@ class Poller:
                 self.poll_once()
             except Exception:
                 log.exception("poll failed unexpectedly")
-            stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self._heartbeat = time.monotonic()
+            self._wake.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self._wake.clear()
 
     def poll_once(self) -> Snapshot:
         deadline = time.monotonic() + self.client.timeout + 0.5
@@ -187,6 +204,7 @@ class Poller:
             model_gpu_memory=model_gpu,
             gpu_unattributed=frozen_map(unattributed),
             probes=self.probe_stats(self._installed_names()) if self.probe_stats else None,
+            reload=self.reload_status,
         )
         self._snapshot = snapshot
         for listener in self._listeners:

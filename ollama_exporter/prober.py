@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Optional
 
 from ollama_exporter.config import Config
 from ollama_exporter.ollama import OllamaClient, OllamaError
-from ollama_exporter.snapshot import InstalledModel, LoadedModel, Snapshot
+from ollama_exporter.snapshot import HistogramValue, InstalledModel, LoadedModel, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ class ProbeResult:
     eval_duration: float = 0.0
     prompt_eval_count: int = 0
     eval_count: int = 0
-
-
-@dataclass(frozen=True)
-class HistogramValue:
-    buckets: tuple[float, ...]
-    counts: tuple[int, ...]  # cumulative, one per bucket
-    count: int
-    sum: float
 
 
 class _Histogram:

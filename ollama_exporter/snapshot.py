@@ -171,6 +171,24 @@ class ModelGpuMemory:
     bytes: int
 
 
+@dataclass(frozen=True)
+class HistogramValue:
+    """A cumulative histogram: counts[i] observations <= buckets[i]; count and sum over all of them."""
+
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]  # cumulative, one per bucket
+    count: int
+    sum: float
+
+
+@dataclass(frozen=True)
+class ReloadStatus:
+    """How the last configuration reload went (the start counts as a successful load)."""
+
+    ok: bool
+    last_success: float  # unix seconds
+
+
 def frozen_map(data: Mapping) -> Mapping:
     return MappingProxyType(dict(data))
 
@@ -191,6 +209,7 @@ class Snapshot:
     model_gpu_memory: tuple[ModelGpuMemory, ...] = ()
     gpu_unattributed: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     probes: Optional[Mapping] = None  # model -> prober.ModelProbeStats; None: probes disabled
+    reload: Optional[ReloadStatus] = None  # None outside the daemon (--once, the probe command)
 
     @classmethod
     def empty(cls, timestamp: float = 0.0) -> "Snapshot":

@@ -6,8 +6,10 @@ import os
 import shutil
 import signal
 import socket
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -16,6 +18,7 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
+TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FIXTURES = REPO / "tests" / "fixtures" / "ollama"  # captured real responses; see PROVENANCE.md there
 
 
@@ -46,26 +49,59 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, message: 
     pytest.fail(f"timed out after {timeout}s waiting for {message}" + (f" (last error: {last_exc})" if last_exc else ""))
 
 
-class Exporter:
-    """The real `ollama-exporter` daemon in a child process, listening on a free loopback port."""
+def check_log_lines(text: str, fmt: str = "logfmt") -> list[dict]:
+    """Every line the exporter wrote, parsed strictly as logfmt (go-logfmt's rules) or JSON; fails on any
+    line that is not, or lacks time, level and msg."""
+    import json
 
-    def __init__(self, *args: str, host: str = "127.0.0.1", env: Optional[dict] = None):
+    import logfmtkv
+
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line) if fmt == "json" else logfmtkv.parse(line, strict=True)
+        except ValueError as exc:
+            pytest.fail(f"log line {number} is not {fmt}: {exc}: {line!r}")
+        assert isinstance(record, dict) and {"time", "level", "msg"} <= set(record), line
+        assert record["level"] in ("debug", "info", "warn", "error"), line
+        assert TIME_RE.match(record["time"]), line
+        records.append(record)
+    return records
+
+
+class Exporter:
+    """The real `ollama-exporter` daemon in a child process, listening on a free loopback port.
+
+    Its log goes to a file (a pipe nobody reads would fill and stall it); stop() checks that every line
+    of it is well-formed logfmt or JSON, so each test that runs the daemon also tests its logs."""
+
+    def __init__(self, *args: str, host: str = "127.0.0.1", env: Optional[dict] = None, listen: bool = True):
         self.port = free_port(host)
         self.host = host
         bracketed = f"[{host}]" if ":" in host else host
         self.url = f"http://{bracketed}:{self.port}"
-        self.args = ["--web.listen-address", f"{bracketed}:{self.port}", *args]
-        full_env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}  # tests say what they want
+        self.args = (["--web.listen-address", f"{bracketed}:{self.port}"] if listen else []) + list(args)
+        self.log_format = "json" if "json" in args else "logfmt"
+        full_env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST" and not k.startswith("OLLAMA_EXPORTER_")}
         full_env.update(env or {})
+        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="exporter-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ollama_exporter", *self.args],
-            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=full_env, stdout=subprocess.DEVNULL, stderr=self.log_file, text=True,
         )
+
+    def logs(self) -> str:
+        return Path(self.log_file.name).read_text()
+
+    def log_records(self) -> list[dict]:
+        return check_log_lines(self.logs(), self.log_format)
 
     def wait_ready(self, timeout: float = 15.0) -> "Exporter":
         def ready():
             if self.proc.poll() is not None:
-                pytest.fail(f"exporter exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+                pytest.fail(f"exporter exited with {self.proc.returncode}: {self.logs()}")
             return requests.get(self.url + "/-/ready", timeout=1).status_code == 200
         wait_for(ready, timeout, message="exporter /-/ready")
         return self
@@ -83,6 +119,12 @@ class Exporter:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if not self.log_file.closed:
+            self.log_file.close()
+            text = self.logs()
+            os.unlink(self.log_file.name)
+            if not text.startswith("ollama-exporter: error:"):  # a refused start prints one plain line
+                check_log_lines(text, self.log_format)
         return self.proc.returncode
 
 

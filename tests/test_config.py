@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from tests.conftest import REPO
 def test_zero_config_defaults():
     assert build_config(environ={}) == Config(
         ollama_url="http://127.0.0.1:11434", ollama_timeout=5.0, poll_interval=5.0,
-        web_listen_address=":9778", log_level="info")
+        web_listen_address=(":9778",), log_level="info")
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,7 @@ def test_example_config_is_valid_and_documents_every_key():
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env if env is not None else {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_EXPORTER_", "OLLAMA_HOST"))}
     return subprocess.run([sys.executable, "-m", "ollama_exporter", *args], capture_output=True, text=True,
                           timeout=30, env=env)
 
@@ -140,3 +142,138 @@ def test_version_flag():
 
     result = run_cli("--version")
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+# --- environment variables, lists, bounds, file faults (issues 8 and 9) ---
+
+def test_every_flag_has_an_environment_variable_named_after_it():
+    from ollama_exporter.config import KEYS, env_name, flag_name
+
+    for key in KEYS:
+        if key.file_only:
+            continue
+        expected = "OLLAMA_EXPORTER_" + flag_name(key)[2:].upper().replace(".", "_").replace("-", "_")
+        assert env_name(key) == expected
+    assert env_name(KEYS[0]) == "OLLAMA_EXPORTER_OLLAMA_URL"
+
+
+def test_precedence_flag_over_env_over_file_over_ollama_host(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("ollama:\n  url: http://from-file:1\npoll:\n  interval: 10s\nlog:\n  level: debug\n")
+    env = {"OLLAMA_HOST": "from-host:2", "OLLAMA_EXPORTER_OLLAMA_URL": "http://from-env:4",
+           "OLLAMA_EXPORTER_POLL_INTERVAL": "20s"}
+    merged = build_config(str(cfg), {"ollama.url": "http://from-flag:3"}, environ=env)
+    assert merged.ollama_url == "http://from-flag:3"  # flag beats env
+    assert merged.poll_interval == 20.0  # env beats file
+    assert merged.log_level == "debug"  # the file's value where nothing overrides it
+    assert build_config(str(cfg), {}, environ=env).ollama_url == "http://from-env:4"
+    assert build_config(None, {}, environ={"OLLAMA_HOST": "from-host:2"}).ollama_url == "http://from-host:2"
+
+
+def test_a_bad_environment_variable_is_named(tmp_path):
+    result = run_cli("--once", env={"PATH": "/usr/bin:/bin", "OLLAMA_EXPORTER_POLL_INTERVAL": "soon"})
+    assert result.returncode == 2
+    assert "poll.interval (from OLLAMA_EXPORTER_POLL_INTERVAL): invalid duration 'soon'" in result.stderr
+
+
+def test_listen_address_is_repeatable_in_flags_env_and_file(tmp_path):
+    assert build_config(None, {"web.listen_address": ("127.0.0.1:1", "[::1]:2")}, environ={}).web_listen_address \
+        == ("127.0.0.1:1", "[::1]:2")
+    env = {"OLLAMA_EXPORTER_WEB_LISTEN_ADDRESS": "127.0.0.1:1, [::1]:2"}
+    assert build_config(None, {}, environ=env).web_listen_address == ("127.0.0.1:1", "[::1]:2")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("web:\n  listen_address: ['127.0.0.1:5', ':6']\n")
+    assert build_config(str(cfg), {}, environ={}).listen == [("127.0.0.1", 5), ("", 6)]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("poll.interval", "99999999999y", "out of range: expected 100ms to 1h"),
+    ("poll.interval", "10ms", "out of range"),
+    ("ollama.timeout", "1d", "out of range: expected 10ms to 10m"),
+    ("probes.interval", "400d", "out of range"),
+    ("web.telemetry_path", "metrics", "invalid path"),
+    ("web.telemetry_path", "/-/ready", "invalid path"),
+    ("ollama.max_models", "0", "expected a whole number from 1 to 100000"),
+])
+def test_values_are_bounded(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(None, {key: value}, environ={})
+
+
+def test_config_file_that_is_not_utf8_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "latin1.yml"
+    path.write_bytes(b"ollama:\n  url: http://caf\xe9:1\n")
+    result = run_cli("--config.file", str(path), "--once")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"ollama-exporter: error: config file {path}: not valid UTF-8 (line 2, byte 25)"
+
+
+@pytest.mark.parametrize("make", ["fifo", "directory"])
+def test_a_config_path_that_is_not_a_regular_file_is_refused_without_reading(tmp_path, make):
+    import os
+
+    path = tmp_path / "config.yml"
+    os.mkfifo(path) if make == "fifo" else path.mkdir()
+    result = run_cli("--config.file", str(path), "--once")  # a FIFO would block a reader forever
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ollama-exporter: error: config file {path}: not a regular file"
+
+
+def test_config_file_from_the_environment(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("poll:\n  interval: 7s\n")
+    result = run_cli("--config.check", env={"PATH": "/usr/bin:/bin", "OLLAMA_EXPORTER_CONFIG_FILE": str(path)})
+    assert result.returncode == 0 and "every 7s" in result.stdout
+
+
+def test_config_check_validates_and_exits(tmp_path):
+    good, bad = tmp_path / "good.yml", tmp_path / "bad.yml"
+    good.write_text("ollama:\n  url: http://user:hunter2@gpu-box:11434\n")
+    bad.write_text("poll:\n  interval: never\n")
+    ok = run_cli("--config.file", str(good), "--config.check")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("config OK: polling http://user:xxxxx@gpu-box:11434 every 5s")
+    assert "hunter2" not in ok.stdout + ok.stderr
+    failed = run_cli("--config.file", str(bad), "--config.check")
+    assert failed.returncode == 2 and "poll.interval" in failed.stderr and failed.stdout == ""
+    web = tmp_path / "web.yml"
+    web.write_text("basic_auth_users:\n  prometheus: plain\n")
+    failed = run_cli("--config.file", str(good), "--web.config.file", str(web), "--config.check")
+    assert failed.returncode == 2 and "basic_auth_users.prometheus" in failed.stderr
+
+
+def test_passwords_in_urls_never_appear_in_errors():
+    with pytest.raises(ConfigError) as err:
+        build_config(None, {"ollama.url": "ftp://admin:hunter2@host"}, environ={})
+    assert "hunter2" not in str(err.value) and "xxxxx" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        url_from_ollama_host("ftp://admin:hunter2@host")
+    assert "hunter2" not in str(err.value)
+
+
+def test_multi_target_modules_are_validated(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("multi_target:\n  allow: ['http://10.0.*:11434']\n"
+                    "  modules:\n    quick: {timeout: 2s, sources: [version, ps]}\n")
+    config = build_config(str(path), environ={})
+    assert config.multi_target_allow == ("http://10.0.*:11434",)
+    assert config.module("quick").sources == ("version", "ps") and config.module("quick").timeout == 2
+    assert config.module("default") is not None
+    for text, message in [("  modules:\n    q: {sources: [gpu]}\n", "unknown source 'gpu'"),
+                          ("  modules:\n    q: {tiemout: 2s}\n", "unknown key 'tiemout'"),
+                          ("  allow: ['10.0.0.1:11434']\n", "must start with http:// or https://")]:
+        path.write_text("multi_target:\n" + text)
+        with pytest.raises(ConfigError, match=message):
+            build_config(str(path), environ={})
+
+
+def test_group_options_apply_to_the_subcommand(fake_ollama):
+    """`ollama-exporter --ollama.url X probe` used to ignore X and probe 127.0.0.1:11434."""
+    fake_ollama.add_model("qwen3:8b")
+    fake_ollama.load("qwen3:8b", keep_alive=-1)
+    result = run_cli("--ollama.url", fake_ollama.url, "probe", "--count", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "qwen3:8b" in result.stdout and fake_ollama.count("/api/generate") == 1
+    # the subcommand's own flag wins over the group's
+    result = run_cli("--ollama.url", "http://127.0.0.1:9", "probe", "--ollama.url", fake_ollama.url)
+    assert result.returncode == 0 and fake_ollama.count("/api/generate") == 2

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import requests
 
-from tests.conftest import sample, wait_for
+from tests.conftest import check_log_lines, sample, wait_for
 from tests.fakes.nvml import MIB, FakeProcess, two_gpu_box
 
 def once(fake, nvml, *args, env=None) -> subprocess.CompletedProcess:
@@ -117,7 +117,9 @@ def test_without_nvml_auto_runs_cleanly_and_says_only_that(fake_ollama, nvml):
     gpu_lines = [l for l in result.stdout.splitlines() if "gpu" in l and not l.startswith("#")]
     assert gpu_lines == ["ollama_gpu_nvml_up 0.0"]
     assert sample(result.stdout, "ollama_up") == 1
-    assert result.stderr.count("running without GPU metrics") == 1
+    records = check_log_lines(result.stderr)
+    assert [r["msg"] for r in records].count("running without GPU metrics") == 1
+    assert next(r for r in records if r["msg"] == "running without GPU metrics")["reason"] == "library_not_found"
 
 
 def test_without_nvml_gpu_enabled_true_exits_2(fake_ollama, nvml):

@@ -7,13 +7,11 @@ import subprocess
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ollama_exporter import metrics
-from prometheus_client import CollectorRegistry
-
+from ollama_exporter import exposition, metrics
 from ollama_exporter.exposition import Exposition, render
 from ollama_exporter.ollama import parse_loaded
 from ollama_exporter.snapshot import InstalledModel, ModelDetails, ShowInfo, Snapshot, SourceStatus, frozen_map
-from tests.conftest import sample
+from tests.conftest import sample, wait_for
 
 DETAILS = ModelDetails("gguf", "qwen3", ("qwen3",), "8.2B", "Q4_K_M")
 
@@ -99,7 +97,7 @@ def test_every_help_text_names_its_source_and_every_name_follows_conventions():
 def test_promtool_finds_nothing_to_report(promtool):
     exposition = Exposition()  # what the daemon serves: snapshot metrics plus process/python metrics
     exposition.update(rich_snapshot())
-    text = exposition.get()[0]
+    text = exposition.get().data
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert result.returncode == 0 and result.stdout == b"" and result.stderr == b"", result
 
@@ -114,7 +112,7 @@ def test_openmetrics_output_parses_and_has_eof():
     assert {"ollama_up", "ollama_model_loads", "ollama_loaded_model_vram_bytes"} <= names
 
 
-def test_exposition_renders_once_per_snapshot_and_serves_every_variant():
+def test_a_scrape_never_renders_and_a_new_variant_is_rendered_in_the_background():
     calls = []
     original = metrics.collect
 
@@ -122,25 +120,29 @@ def test_exposition_renders_once_per_snapshot_and_serves_every_variant():
         calls.append(snapshot)
         return original(snapshot)
 
-    metrics.collect = counting
+    exposition.collect = counting
     try:
         exp = Exposition()
         calls.clear()  # the placeholder rendered at construction
         exp.update(rich_snapshot())
+        assert len(calls) == 1  # only the text format, which every scraper accepts, until others are asked for
+        first = exp.get("application/openmetrics-text; version=1.0.0", "gzip")
+        assert not first.gzipped and first.content_type.startswith("text/plain")  # the closest one rendered
+        wait_for(lambda: exp.get("application/openmetrics-text; version=1.0.0", "gzip").gzipped, timeout=5,
+                 message="the background render of the new variant")
+        rendered = len(calls)
         for _ in range(50):
-            plain, ctype, gz = exp.get("", "")
-            zipped, _, gz2 = exp.get("", "gzip, deflate")
-            om, om_type, _ = exp.get("application/openmetrics-text; version=1.0.0", "")
-        assert len(calls) == 2  # fifty scrapes of three variants: text at update, OpenMetrics on first ask
-        assert not gz and gz2 and gzip.decompress(zipped) == plain
-        assert ctype.startswith("text/plain; version=0.0.4") and om_type.startswith("application/openmetrics-text")
-        assert sample(plain.decode(), "ollama_up") == 1 and b"# EOF" in om
-        exp.update(Snapshot.empty(1.0))  # renders the default and the OpenMetrics variant a scraper asked for
-        assert len(calls) == 4 and sample(exp.get()[0].decode(), "ollama_up") == 0
-        exp.get("application/openmetrics-text; version=1.0.0", "")
-        assert len(calls) == 4  # the scrape only copied bytes
+            plain = exp.get("", "")
+            om = exp.get("application/openmetrics-text; version=1.0.0", "gzip")
+        assert len(calls) == rendered  # fifty scrapes only copied bytes
+        assert not plain.gzipped and plain.content_type.startswith("text/plain; version=0.0.4")
+        assert om.content_type.startswith("application/openmetrics-text") and gzip.decompress(om.data).endswith(b"# EOF\n")
+        assert sample(plain.data.decode(), "ollama_up") == 1
+        exp.update(Snapshot.empty(1.0))  # renders the text format and the variant a scraper asked for
+        assert len(calls) == rendered + 1 and sample(exp.get().data.decode(), "ollama_up") == 0
+        assert b"ollama_up 0.0" in gzip.decompress(exp.get("application/openmetrics-text; version=1.0.0", "gzip").data)
     finally:
-        metrics.collect = original
+        exposition.collect = original
 
 
 def test_families_parse_back_without_duplicates():
@@ -150,13 +152,3 @@ def test_families_parse_back_without_duplicates():
             key = (s.name, tuple(sorted(s.labels.items())))
             assert key not in seen, key
             seen.add(key)
-
-
-def test_registering_the_collector_never_reads_a_snapshot():
-    def latest():
-        raise AssertionError("describe() must not need a snapshot (it would mean polling Ollama)")
-
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(metrics.SnapshotCollector(latest))
-    described = {f.name for f in metrics.SnapshotCollector(latest).describe()}
-    assert {"ollama_up", "ollama_model_loads", "ollama_exporter_source_errors"} <= described

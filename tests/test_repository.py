@@ -13,7 +13,7 @@ from tests.conftest import FIXTURES, REPO
 FIXTURE_KINDS = ("ps", "tags", "show", "version", "generate", "errors")
 # Paths that only exist on a developer's machine (the workspace the project was written in, a
 # reading-material folder beside the checkout, a home directory's interpreter).
-MACHINE_PATHS = ("/work/", "../shared", "/.pyenv/")
+MACHINE_PATHS = ("/" + "work/", ".." + "/shared", "/." + "pyenv/")  # spelt so this file does not name them
 
 
 def tracked_files() -> list[Path]:

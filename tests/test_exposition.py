@@ -1,0 +1,211 @@
+"""The direct writer: byte for byte what prometheus_client writes, hostile names included; rendering
+costs what changed; one bad family never takes the exposition down; gzip decodes everywhere."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import zlib
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
+
+from ollama_exporter import exposition
+from ollama_exporter.exposition import (
+    OPENMETRICS,
+    TEXT,
+    Exposition,
+    Writer,
+    gzip_accepted,
+    gzip_member,
+    negotiate,
+)
+from ollama_exporter.metrics import DEFS, Def, Family, collect
+from ollama_exporter.snapshot import HistogramValue
+from tests.test_metrics import rich_snapshot
+
+HOSTILE = ['plain', 'quo"te', 'back\\slash', 'new\nline', 'tab\there', 'ünïcødé 模型', 'a=b,c="d"', '}{', '',
+           '\\"\\n', 'x' * 300]
+
+
+class _Reference:
+    """prometheus_client's own families for the same rows: the reference the writer must match."""
+
+    def __init__(self, families: list[Family]):
+        self.families = families
+
+    def collect(self):
+        for f in self.families:
+            d = f.d
+            cls = {"counter": CounterMetricFamily, "histogram": HistogramMetricFamily}.get(d.kind, GaugeMetricFamily)
+            out = cls(d.name, d.help, labels=d.labels)
+            for labels, value in f.rows:
+                if isinstance(value, HistogramValue):
+                    buckets = [(floatToGoString(b), c) for b, c in zip(value.buckets, value.counts)]
+                    out.add_metric(list(labels), buckets + [("+Inf", value.count)], value.sum)
+                else:
+                    out.add_metric(list(labels), value)
+            yield out
+
+
+def reference(families: list[Family], fmt: str) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Reference(families))
+    return generate_openmetrics(registry) if fmt == OPENMETRICS else generate_latest(registry)
+
+
+def ours(families: list[Family], fmt: str) -> bytes:
+    body, ok = Writer().render(families, fmt, gzipped=False)
+    assert ok
+    return body + (b"# EOF\n" if fmt == OPENMETRICS else b"")
+
+
+def hostile_families() -> list[Family]:
+    info = DEFS["ollama_model_info"].family()
+    hist = DEFS["ollama_probe_ttft_seconds"].family()
+    loads = DEFS["ollama_model_loads_total"].family()
+    odd = Family(Def("test_odd_help", "gauge", 'help with "quotes", back\\slash and\nnewline', ("z", "a", "le_x")))
+    for i, name in enumerate(HOSTILE):
+        info.add((name, "d" * 64, "fam" + name, "8B", "Q4", "gguf"), 1.0)
+        hist.add((name,), HistogramValue((0.1, 1.0, 10.0), (i, i + 1, i + 2), i + 3, 1.5 * i))
+        loads.add((name,), float(i))
+        odd.add((name, name[::-1], "v"), [0.0, -1.5, 1e21, 123456789.0, float("inf"), 3e-9, 7][i % 7])
+    return [info, hist, loads, odd]
+
+
+@pytest.mark.parametrize("fmt", [TEXT, OPENMETRICS])
+def test_byte_for_byte_what_prometheus_client_writes(fmt):
+    families = list(collect(rich_snapshot())) + hostile_families()
+    assert ours(families, fmt) == reference(families, fmt)
+
+
+def full_snapshot():
+    """rich_snapshot plus two GPUs (one with MIG and processes), model GPU memory and probe histograms."""
+    from dataclasses import replace
+
+    from ollama_exporter.prober import ProbeResult, _ModelStats
+    from ollama_exporter.snapshot import GpuDevice, GpuProcess, GpuState, MigInstance, ModelGpuMemory, frozen_map
+
+    a100 = GpuDevice(0, "GPU-0", "NVIDIA A100", "00000000:01:00.0", True, 80e9, 20e9, 60e9, 1e8, None, 0.1, 45.0,
+                     60.5, 400.0, 1.5e9, (("graphics", 1.41e9), ("memory", 1.5e9)), 0, None,
+                     (("sw_power_cap", False), ("hw_thermal", True)), (("corrected", 3), ("uncorrected", 0)),
+                     (MigInstance(1, 0, "MIG-1", 40e9, 1e9, 39e9),), (GpuProcess(42, "0", "GPU-0", 5e9, "blob:" + "a" * 64),))
+    lost = GpuDevice(1, "GPU-1", "RTX 4090", "00000000:02:00.0", False)
+    stats = _ModelStats()
+    for ok, ttft in ((True, 0.2), (True, 3.0), (False, None)):
+        stats.record(ProbeResult("qwen3:8b", "generate", ok, "" if ok else "timeout", "", ttft, 0.02, 1.0, 16,
+                                 0.0, 0.1, 0.3, 10, 16), 1790000000.0)
+    return replace(rich_snapshot(), gpu=GpuState(True, "550.54", (a100, lost), ()),
+                   model_gpu_memory=(ModelGpuMemory("qwen3:8b", "0", "GPU-0", 5_000_000_000),),
+                   gpu_unattributed=frozen_map({"unreadable": 1, "loading": 0, "other": 2}),
+                   probes={"qwen3:8b": stats.value()})
+
+
+def test_every_family_of_a_full_snapshot_matches_including_probes_and_gpus():
+    families = list(collect(full_snapshot()))
+    for fmt in (TEXT, OPENMETRICS):
+        assert ours(families, fmt) == reference(families, fmt)
+
+
+def test_promtool_and_both_parsers_read_hostile_names_back(promtool):
+    families = hostile_families()[:3]
+    text = ours(families, TEXT).decode()
+    parsed = {(s.name, s.labels.get("model")) for f in text_string_to_metric_families(text) for s in f.samples}
+    for name in HOSTILE:
+        assert ("ollama_model_info", name) in parsed and ("ollama_probe_ttft_seconds_count", name) in parsed
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+
+    om = {s.labels.get("model") for f in om_parse(ours(families, OPENMETRICS).decode()) for s in f.samples}
+    assert set(HOSTILE) <= om
+    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_rendering_costs_what_changed(monkeypatch):
+    writer = Writer()
+    families = hostile_families()
+    writer.render(families, TEXT, False)
+    lines = []
+    original = writer._line
+    monkeypatch.setattr(writer, "_line", lambda d, row: lines.append(row) or original(d, row))
+    writer.render(hostile_families(), TEXT, False)
+    assert lines == []  # nothing changed: every family reused whole
+    changed = hostile_families()
+    changed[2].rows[3] = (changed[2].rows[3][0], 99.0)
+    body, _ = writer.render(changed, TEXT, False)
+    assert len(lines) == 1 and b'ollama_model_loads_total{model="new\\nline"} 99.0' in body
+
+
+def test_gzip_is_one_member_that_every_decoder_reads():
+    exp = Exposition(runtime_metrics=True)
+    exp.update(rich_snapshot())
+    exp._wanted[(TEXT, True)] = exp.clock()
+    exp.update(rich_snapshot())
+    plain, zipped = exp.get().data, exp.get("", "gzip").data
+    assert exp.get("", "gzip").gzipped
+    assert gzip.decompress(zipped) == plain
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member, exactly
+    assert decoder.decompress(zipped) == plain and decoder.eof and decoder.unused_data == b""
+    if shutil.which("gzip"):
+        out = subprocess.run(["gzip", "-dc"], input=zipped, capture_output=True, check=True).stdout
+        assert out == plain
+
+
+def test_gzip_member_of_reused_blocks_is_valid():
+    blocks = [exposition._deflate_block(b"a" * 1000), exposition._deflate_block(b"b\n" * 10)]
+    plain = b"a" * 1000 + b"b\n" * 10
+    assert gzip.decompress(gzip_member(b"".join(blocks), plain)) == plain
+
+
+def test_a_family_that_cannot_be_rendered_keeps_its_last_good_rendition():
+    exp = Exposition(runtime_metrics=False)
+    good = rich_snapshot()
+    exp.update(good)
+    assert exp.healthy and b'model="qwen3:8b"' in exp.get().data
+    broken = good.__class__(**{**good.__dict__, "installed": (
+        good.installed[0].__class__(**{**good.installed[0].__dict__, "name": "bad\ud800name"}),)})
+    exp.update(broken)  # a lone surrogate cannot be encoded: only that family falls back
+    body = exp.get().data.decode()
+    assert not exp.healthy and exp.render_failures >= 1
+    assert 'ollama_model_info{' in body and 'model="qwen3:8b"' in body  # the last good rendition
+    assert "ollama_up 1.0" in body
+    exp.update(good)
+    assert exp.healthy
+    assert "ollama_exporter_render_failures_total" in exp.get().data.decode()
+
+
+@pytest.mark.parametrize("accept, fmt", [
+    ("", TEXT),
+    ("text/plain;version=0.0.4", TEXT),
+    ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1", OPENMETRICS),  # Prometheus 2.x
+    ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;version=1.0.0;"
+     "escaping=allow-utf-8;q=0.5,*/*;q=0.4", OPENMETRICS),  # Prometheus 3.x
+    ("application/openmetrics-text; version=1.0.0x", TEXT),
+    ("application/openmetrics-text; version=2.0.0; q=1, text/plain", TEXT),
+    ("application/openmetrics-text;q=0", TEXT),
+    ("text/plain;q=0.2, application/openmetrics-text", OPENMETRICS),
+    ("garbage;;;q=abc,,,", TEXT),
+])
+def test_any_accept_header_maps_onto_two_formats(accept, fmt):
+    assert negotiate(accept) == fmt
+
+
+@pytest.mark.parametrize("header, ok", [("gzip", True), ("gzip;q=0", False), ("gzip; q=0.0", False),
+                                        ("deflate, gzip;q=0.5", True), ("*", True), ("identity", False),
+                                        ("*;q=0", False), ("", False), ("GZIP", True)])
+def test_gzip_only_when_accepted_with_a_positive_q(header, ok):
+    assert gzip_accepted(header) is ok
+
+
+def test_a_thousand_different_accept_headers_keep_the_variants_bounded():
+    exp = Exposition(runtime_metrics=False)
+    exp.update(rich_snapshot())
+    for i in range(1000):
+        exp.get(f"application/openmetrics-text; version=1.0.{i}", f"gzip;q=0.{i % 10}")
+    assert set(exp._wanted) <= {(TEXT, False), (TEXT, True), (OPENMETRICS, False), (OPENMETRICS, True)}
