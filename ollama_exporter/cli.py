@@ -15,9 +15,11 @@ from typing import Any, Optional
 import click
 
 from ollama_exporter import __version__
+from ollama_exporter.assets import assets
 from ollama_exporter.config import KEYS, Config, ConfigError, build_config, flag_name
 from ollama_exporter.exposition import Exposition, render
 from ollama_exporter.gpu import GpuSource
+from ollama_exporter.mixin.command import mixin
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
 from ollama_exporter.prober import Prober
@@ -105,6 +107,10 @@ def probe(config_file: Optional[str], models: tuple[str, ...], count: int, **opt
     config = load_config(config_file, options)
     setup_logging("warning" if config.log_level == "info" else config.log_level)
     sys.exit(run_probe_command(config, models, count, click.echo))
+
+
+main.add_command(mixin)  # `mixin build`: dashboards and rules from a config (the sdk is imported only there)
+main.add_command(assets)  # `assets`: the packaged dashboard, rules, unit
 
 
 def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuState]]:
