@@ -14,7 +14,9 @@ from typing import Any, Optional
 import click
 
 from ollama_exporter import __version__, logformat
+from ollama_exporter.assets import assets
 from ollama_exporter.config import KEYS, Config, ConfigError, build_config, config_file_from, flag_name
+from ollama_exporter.mixin.command import mixin
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -111,3 +113,7 @@ def probe(ctx: click.Context, config_file: Optional[str], models: tuple[str, ...
     config = subcommand_config(ctx, config_file, options)
     logformat.setup("warn" if config.log_level == "info" else config.log_level, config.log_format)
     sys.exit(run_probe_command(config, models, count, click.echo))
+
+
+main.add_command(mixin)  # `mixin build`: dashboards and rules from a config (the sdk is imported only there)
+main.add_command(assets)  # `assets`: the packaged dashboard, rules, unit
