@@ -52,6 +52,10 @@ def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuSt
     return source, None
 
 
+def make_client(config: Config) -> OllamaClient:
+    return OllamaClient(config.ollama_url, config.ollama_timeout, config.ollama_max_models)
+
+
 def check_config(config: Config) -> str:
     """What --config.check prints when everything loads; raises ConfigError otherwise."""
     if config.web_config_file:
@@ -63,8 +67,8 @@ def check_config(config: Config) -> str:
 def poll_once(config: Config) -> bytes:
     """--once: one poll, rendered as the text format (no runtime metrics)."""
     gpu, gpu_off = make_gpu_source(config)
-    poller = Poller(OllamaClient(config.ollama_url, config.ollama_timeout), config.poll_interval,
-                    gpu=gpu, gpu_off_state=gpu_off)
+    poller = Poller(make_client(config), config.poll_interval, gpu=gpu, gpu_off_state=gpu_off)
+    poller.settle_shows = True
     body, _ = render(poller.poll_once())
     return body
 
@@ -98,10 +102,11 @@ class Daemon:
         self._reload_wanted = threading.Event()
         self._reload_lock = threading.Lock()
         web = load_web_config(config.web_config_file) if config.web_config_file else None
-        self.now = _Running(config, OllamaClient(config.ollama_url, config.ollama_timeout), web)
+        self.now = _Running(config, make_client(config), web)
         self.exposition = Exposition(runtime_metrics=not config.web_disable_exporter_metrics)
         gpu, gpu_off = make_gpu_source(config)
-        self.poller = Poller(self.now.client, config.poll_interval, gpu=gpu, gpu_off_state=gpu_off)
+        self.poller = Poller(self.now.client, config.poll_interval, gpu=gpu, gpu_off_state=gpu_off,
+                             forget_after=config.poll_forget_after)
         self.poller.reload_status = ReloadStatus(True, time.time())
         self.poller.subscribe(self.exposition.update)
         self.prober: Optional[Prober] = None
@@ -202,12 +207,14 @@ class Daemon:
         if config.gpu_enabled != old.gpu_enabled:
             self.poller.gpu, self.poller.gpu_off_state = make_gpu_source(config)
         client = self.now.client
-        if (config.ollama_url, config.ollama_timeout) != (old.ollama_url, old.ollama_timeout):
-            client = OllamaClient(config.ollama_url, config.ollama_timeout)
+        if (config.ollama_url, config.ollama_timeout, config.ollama_max_models) != \
+                (old.ollama_url, old.ollama_timeout, old.ollama_max_models):
+            client = make_client(config)
         logformat.setup(config.log_level, config.log_format)
         self.exposition.runtime_metrics = not config.web_disable_exporter_metrics
         self.now = _Running(config, client, web)
         self.poller.client, self.poller.interval = client, config.poll_interval
+        self.poller.forget_after = config.poll_forget_after
         self._apply_probes(config)
 
     def _apply_probes(self, config: Config) -> None:

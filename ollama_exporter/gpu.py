@@ -74,7 +74,7 @@ class GpuSource:
             raise SourceError(_reason(exc), f"NVML initialisation failed: {exc}") from None
         self.nv = pynvml
         self._identified.clear()  # handles may have been re-enumerated; the old identities stay as fallback
-        log.info("NVML initialised, driver %s", self.driver_version)
+        log.info("NVML initialised", extra={"driver": self.driver_version})
 
     def _ensure_started(self) -> None:
         if self.nv is not None:
@@ -138,7 +138,7 @@ class GpuSource:
             return self._read(index, handle, uuid, name, pci, errors)
         except GpuLost:
             errors.append("gpu_lost")
-            log.warning("GPU %d (%s) is lost", index, uuid)
+            log.warning("GPU lost", extra={"gpu": index, "uuid": uuid})
             return self._down(index)
 
     def _down(self, index: int) -> Optional[GpuDevice]:

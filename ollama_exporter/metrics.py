@@ -94,6 +94,10 @@ DEFS = {d.name: d for d in (
     Def("ollama_exporter_source_errors_total", "counter",
         "Failed reads of this source by reason: timeout, connection, http_4xx, http_5xx, invalid_response.",
         ("source", "reason")),
+    Def("ollama_exporter_dropped_models_total", "counter",
+        "Model rows of /api/tags or /api/ps answers that were not reported, by reason: limit (over "
+        "ollama.max_models), invalid (no usable name), duplicate (a name already in the answer).",
+        ("source", "reason")),
     Def("ollama_exporter_snapshot_timestamp_seconds", "gauge",
         "When the poll that produced these metrics finished."),
     Def("ollama_exporter_config_last_reload_successful", "gauge",
@@ -224,7 +228,8 @@ def _installed(s: Snapshot) -> Iterable[Family]:
     for m in s.installed:
         show, d = m.show, m.merged_details
         info.add((m.name, m.digest, d.family, d.parameter_size, d.quantization_level, d.format), 1.0)
-        size.add((m.name,), m.size)
+        if _opt(m.size):
+            size.add((m.name,), m.size)
         if show is not None and _opt(show.context_length):
             ctx.add((m.name,), show.context_length)
         if show is not None and _opt(show.parameter_count):
@@ -239,7 +244,8 @@ def _loaded(s: Snapshot) -> Iterable[Family]:
         "ollama_loaded_model_size_bytes", "ollama_loaded_model_vram_bytes",
         "ollama_loaded_model_expiry_timestamp_seconds", "ollama_loaded_model_context_length")
     for m in s.loaded:
-        size.add((m.name,), m.size)
+        if _opt(m.size):
+            size.add((m.name,), m.size)
         if _opt(m.size_vram):
             vram.add((m.name,), m.size_vram)
         if _opt(m.expires_at):
@@ -267,9 +273,12 @@ def _exporter(s: Snapshot) -> Iterable[Family]:
             last.add((src.name,), src.last_success)
     for (source, reason), value in sorted(s.errors_total.items()):
         errors.add((source, reason), value)
+    dropped = DEFS["ollama_exporter_dropped_models_total"].family()
+    for (source, reason), value in sorted(s.dropped_total.items()):
+        dropped.add((source, reason), value)
     if s.ready:
         ts.add((), s.timestamp)
-    families = [build, up, duration, last, errors, ts]
+    families = [build, up, duration, last, errors, dropped, ts]
     if s.reload is not None:
         ok, when = _families("ollama_exporter_config_last_reload_successful",
                              "ollama_exporter_config_last_reload_success_timestamp_seconds")

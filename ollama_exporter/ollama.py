@@ -1,9 +1,15 @@
-"""The only code that speaks Ollama's HTTP API: requests with a hard deadline, typed results, and
-failures classified into the small fixed set of reasons the metrics report.
+"""The only code that speaks Ollama's HTTP API: calls with a hard deadline, typed results, and failures
+classified into the small fixed set of reasons the metrics report.
 
-Parsers are lenient where Ollama's versions differ (missing `size_vram` or `context_length`, `families:
-null`, old /api/tags rows without `model`, any RFC 3339 offset) and strict where an answer is unusable
-(not JSON, `models` not a list, a row without a name): those raise OllamaError("invalid_response").
+Every value is checked where it is parsed, because whatever comes from the network ends up in label
+values and sample values, and one bad value must never take /metrics down. Parsers are lenient where
+Ollama's versions differ (missing `size_vram` or `context_length`, `families: null`, old /api/tags rows
+without `model`, any RFC 3339 offset) and strict about what could hurt: a number out of range or not
+a number is left out (never exported as something else), a name that is not printable UTF-8 of sane
+length drops its row, a duplicate name drops the later row, and past `max_models` rows the rest are
+dropped; every dropped row is counted by reason (`invalid`, `duplicate`, `limit`). An answer that is
+unusable as a whole (not JSON, NaN or nesting a parser chokes on, `models` not a list, too big)
+raises OllamaError("invalid_response").
 """
 
 from __future__ import annotations
@@ -11,18 +17,26 @@ from __future__ import annotations
 import calendar
 import json
 import re
-import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
-
-import requests
-from urllib3.exceptions import HTTPError, ReadTimeoutError
+from collections import Counter
+from typing import Any, Iterator, Mapping, Optional
 
 from ollama_exporter import __version__
+from ollama_exporter.config import redact_url
+from ollama_exporter.httpclient import HttpClient, HttpError, StatusError
 from ollama_exporter.snapshot import InstalledModel, LoadedModel, ModelDetails, ShowInfo, SourceError
 
 USER_AGENT = f"ollama-exporter/{__version__}"
-MAX_BODY_BYTES = 64 * 1024 * 1024  # /api/show with tensors can be a few MB; anything this big is wrong
+# Most bytes read from one answer: /api/show with tensors is a few MB; /api/tags and /api/ps rows are
+# ~600 bytes, so those two get ROW_BYTES per allowed model (what is parsed stays a small multiple of it).
+MAX_BYTES = {"/api/version": 64 * 1024, "/api/show": 16 << 20, "/api/embed": 16 << 20}
+ROW_BYTES = 2048
+MAX_STREAM_BYTES = 16 << 20  # a probe's whole /api/generate stream
+MAX_LINE_BYTES = 1 << 20  # one NDJSON line of it
+MAX_NAME = 512
+MAX_LABEL = 128
+MAX_CAPABILITIES = 32
+MAX_COUNT = 2**53  # sizes, counts and lengths: beyond this a float no longer holds the integer
+DROP_REASONS = ("invalid", "duplicate", "limit")
 
 
 class OllamaError(SourceError):
@@ -34,143 +48,161 @@ class OllamaError(SourceError):
         self.detail = detail
 
 
+class Rows(list):
+    """Parsed model rows, with how many rows of the answer were dropped, by reason."""
+
+    def __init__(self, rows=(), dropped: Optional[Mapping[str, int]] = None):
+        super().__init__(rows)
+        self.dropped: dict[str, int] = dict(dropped or {})
+
+
 class OllamaClient:
-    def __init__(self, base_url: str, timeout: float, session: Optional[requests.Session] = None):
+    def __init__(self, base_url: str, timeout: float, max_models: int = 5000):
         self.base_url = base_url.rstrip("/")
+        self.shown_url = redact_url(self.base_url)
         self.timeout = timeout
-        self.session = session or requests.Session()
-        self.session.headers["User-Agent"] = USER_AGENT
+        self.max_models = max_models
+        self.http = HttpClient(self.base_url, USER_AGENT)
 
     # --- endpoints ---
 
     def version(self) -> str:
-        version = self._object("GET", "/api/version").get("version")
-        if not isinstance(version, str):
-            raise OllamaError("invalid_response", "/api/version: no string `version` in the answer")
+        version = _label(self._object("GET", "/api/version").get("version"), 64)
+        if not version:
+            raise OllamaError("invalid_response", "/api/version: no usable `version` string in the answer")
         return version
 
-    def ps(self) -> list[LoadedModel]:
-        return [parse_loaded(row) for row in _models(self._call("GET", "/api/ps"), "/api/ps")]
+    def ps(self) -> Rows:
+        return self._rows("/api/ps", parse_loaded)
 
-    def tags(self) -> list[InstalledModel]:
-        return [parse_installed(row) for row in _models(self._call("GET", "/api/tags"), "/api/tags")]
+    def tags(self) -> Rows:
+        return self._rows("/api/tags", parse_installed)
 
     def show(self, name: str) -> ShowInfo:
         return parse_show(self._object("POST", "/api/show", {"model": name}))
 
-    def embed(self, payload: dict, timeout: float) -> dict:
+    def embed(self, payload: dict, timeout: float, headers: Optional[Mapping[str, str]] = None) -> dict:
         """POST /api/embed (an inference request: it goes through Ollama's scheduler)."""
-        return self._object("POST", "/api/embed", payload, timeout)
+        return self._object("POST", "/api/embed", payload, timeout, headers)
 
-    def stream(self, path: str, payload: dict, timeout: float) -> Iterator[tuple[float, Any]]:
+    def post(self, path: str, payload: dict, timeout: float, headers: Optional[Mapping[str, str]] = None) -> dict:
+        """POST any JSON object and return the JSON object answered (a non-streamed /api/generate, say)."""
+        return self._object("POST", path, payload, timeout, headers)
+
+    def stream(self, path: str, payload: dict, timeout: float,
+               headers: Optional[Mapping[str, str]] = None) -> Iterator[tuple[float, Any]]:
         """POST a streaming request; yield (time.monotonic() when the line arrived, parsed line) per NDJSON line.
 
-        Lines are yielded as soon as their bytes arrive (read1 returns each chunk as the server flushes it),
-        so the arrival times are what a client observes. Raises OllamaError("timeout") past `timeout` in
-        total, and OllamaError with the HTTP status when the server refuses before streaming.
+        Lines are yielded as soon as their bytes arrive, so the arrival times are what a client observes.
+        Raises OllamaError("timeout") past `timeout` in total, OllamaError with the HTTP status when the
+        server refuses before streaming, and OllamaError("invalid_response") for a line longer than
+        MAX_LINE_BYTES or a stream longer than MAX_STREAM_BYTES.
         """
-        deadline = time.monotonic() + timeout
-        with self._transport_errors(path, timeout), \
-                self.session.post(self.base_url + path, json=payload, timeout=timeout, stream=True) as resp:
-            if resp.status_code >= 400:
-                self._raise_http(path, resp.status_code, _read_body(resp, deadline, path))
-            buffer = b""
-            for chunk in _chunks(resp, deadline):
+        import time
+
+        buffer = b""
+        with self._errors(path):
+            for chunk in self.http.stream("POST", path, _json_body(payload), timeout=timeout,
+                                          max_bytes=MAX_STREAM_BYTES, headers=headers):
                 arrived = time.monotonic()
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
+                if len(buffer) > MAX_LINE_BYTES:
+                    raise OllamaError("invalid_response", f"{path}: a stream line longer than {MAX_LINE_BYTES} bytes")
                 for line in lines:
                     if line.strip():
-                        yield arrived, _json_line(path, line)
+                        yield arrived, _json(path, line)
             if buffer.strip():
-                yield time.monotonic(), _json_line(path, buffer)
+                yield time.monotonic(), _json(path, buffer)
 
     # --- transport ---
 
-    def _call(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None) -> Any:
-        """One request, finished (body read and parsed) within `timeout` (default: the client's) in total."""
-        url = self.base_url + path
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        with self._transport_errors(path, timeout), \
-                self.session.request(method, url, json=payload, timeout=timeout, stream=True) as resp:
-            body = _read_body(resp, deadline, path)
-        if resp.status_code >= 400:
-            self._raise_http(path, resp.status_code, body)
-        try:
-            return json.loads(body)
-        except ValueError:
-            raise OllamaError("invalid_response", f"{path}: answer is not valid JSON: {body[:80]!r}") from None
-
-    def _object(self, method: str, path: str, payload: Optional[dict] = None,
-                timeout: Optional[float] = None) -> dict:
-        body = self._call(method, path, payload, timeout)
+    def _object(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None,
+                headers: Optional[Mapping[str, str]] = None) -> dict:
+        """One request, answered (body read and parsed) within `timeout` (default: the client's) in total."""
+        with self._errors(path):
+            answer = self.http.request(method, path, _json_body(payload) if payload is not None else None,
+                                       timeout=self.timeout if timeout is None else timeout,
+                                       max_bytes=self._max_bytes(path), headers=headers)
+        if answer.status >= 400:
+            raise _status_error(path, answer.status, answer.body)
+        if not 200 <= answer.status < 300:
+            raise OllamaError("invalid_response", f"{path}: unexpected HTTP status {answer.status}")
+        body = _json(path, answer.body)
         if not isinstance(body, dict):
             raise OllamaError("invalid_response", f"{path}: answer is not a JSON object")
         return body
 
-    @contextmanager
-    def _transport_errors(self, path: str, timeout: float) -> Iterator[None]:
-        """requests' failures as OllamaError: timeout (past the deadline) or connection (anything else)."""
-        try:
-            yield
-        except requests.Timeout:
-            raise OllamaError("timeout", f"{path}: not answered within {timeout:g}s") from None
-        except requests.ConnectionError as exc:
-            raise OllamaError("connection", f"{path}: connection to {self.base_url} failed: {_root_cause(exc)}") from None
-        except requests.RequestException as exc:
-            raise OllamaError("connection", f"{path}: {_root_cause(exc)}") from None
+    def _max_bytes(self, path: str) -> int:
+        if path in ("/api/ps", "/api/tags"):
+            return max(2 << 20, self.max_models * ROW_BYTES)
+        return MAX_BYTES.get(path, 16 << 20)
 
-    @staticmethod
-    def _raise_http(path: str, status: int, body: bytes) -> None:
-        reason = "http_5xx" if status >= 500 else "http_4xx"
-        detail = _error_text(body)
-        raise OllamaError(reason, f"{path}: HTTP {status}: {detail}", status, detail)
+    def _errors(self, path: str):
+        return _translate(path, self.shown_url)
+
+    def _rows(self, path: str, parse) -> Rows:
+        body = self._object("GET", path)
+        models = body.get("models")
+        if models is None and "models" in body:
+            return Rows()  # tolerate null: it means "none"
+        if not isinstance(models, list):
+            raise OllamaError("invalid_response", f"{path}: `models` is not a list")
+        rows, seen, dropped = [], set(), Counter()
+        for row in models:
+            if len(rows) >= self.max_models:
+                dropped["limit"] += 1
+                continue
+            try:
+                model = parse(row)
+            except _BadRow:
+                dropped["invalid"] += 1
+                continue
+            if model.name in seen:
+                dropped["duplicate"] += 1
+                continue
+            seen.add(model.name)
+            rows.append(model)
+        return Rows(rows, dropped)
 
 
-def _chunks(resp: requests.Response, deadline: float) -> Iterator[bytes]:
-    """The body as it arrives, failing once the deadline passes (a slow drip is a timeout too).
+class _translate:
+    """Map the transport's failures onto OllamaError (a context manager, usable around a generator)."""
 
-    read1 returns whatever one socket read (or one HTTP chunk) gives, so the deadline is checked as data
-    trickles in; requests' own timeout only bounds each single read.
-    """
-    raw = resp.raw
-    read = raw.read1 if hasattr(raw, "read1") else raw.read
+    def __init__(self, path: str, shown_url: str):
+        self.path, self.shown_url = path, shown_url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, StatusError):
+            raise _status_error(self.path, exc.status, exc.body) from None
+        if isinstance(exc, HttpError):
+            raise OllamaError(exc.reason, str(exc)) from None  # its messages name the URL without a password
+        return False
+
+
+def _status_error(path: str, status: int, body: bytes) -> OllamaError:
+    detail = _error_text(body)
+    return OllamaError("http_5xx" if status >= 500 else "http_4xx", f"{path}: HTTP {status}: {detail}", status, detail)
+
+
+def _json_body(payload: dict) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(path: str, data: bytes) -> Any:
+    """Strict JSON: no NaN or Infinity, no integer too long to parse, no nesting deep enough to recurse out."""
     try:
-        while True:
-            chunk = read(65536, decode_content=True)
-            if not chunk:
-                return
-            if time.monotonic() > deadline:
-                raise requests.Timeout()
-            yield chunk
-    except ReadTimeoutError:
-        raise requests.Timeout() from None
-    except HTTPError as exc:  # urllib3's: connection reset, incomplete body
-        raise requests.ConnectionError(exc) from None
-
-
-def _read_body(resp: requests.Response, deadline: float, path: str) -> bytes:
-    chunks, size = [], 0
-    for chunk in _chunks(resp, deadline):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise OllamaError("invalid_response", f"{path}: answer larger than {MAX_BODY_BYTES} bytes")
-    return b"".join(chunks)
-
-
-def _json_line(path: str, line: bytes) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError:
-        raise OllamaError("invalid_response", f"{path}: stream line is not JSON: {line[:80]!r}") from None
-
-
-def _root_cause(exc: BaseException) -> str:
-    while exc.__context__ is not None and exc.__context__ is not exc:
-        exc = exc.__context__
-    return str(exc) or type(exc).__name__
+        return json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc)[:60] if isinstance(exc, ValueError) else "nested too deeply"
+        raise OllamaError("invalid_response", f"{path}: answer is not valid JSON ({reason}): {data[:60]!r}") from None
 
 
 def _error_text(body: bytes) -> str:
@@ -178,81 +210,102 @@ def _error_text(body: bytes) -> str:
     try:
         data = json.loads(body)
         if isinstance(data, dict) and isinstance(data.get("error"), str):
-            return data["error"]
-    except ValueError:
+            return _printable(data["error"])[:500]
+    except (ValueError, RecursionError):
         pass
-    return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+    return _printable(body[:200].decode("utf-8", "replace")).strip() or "(empty body)"
 
 
-# --- parsers: JSON rows to snapshot types ---
+# --- value checks: what may become a label value or a sample value ---
 
 
-def _models(body: Any, path: str) -> list[dict]:
-    models = body.get("models") if isinstance(body, dict) else None
-    if models is None and isinstance(body, dict) and "models" in body:
-        return []  # tolerate null: it means "none"
-    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-        raise OllamaError("invalid_response", f"{path}: `models` is not a list of objects")
-    return models
+class _BadRow(Exception):
+    """A model row that cannot be reported (no usable name); it is dropped and counted."""
 
 
-def _name(row: dict, path: str) -> str:
-    name = row.get("name") or row.get("model")
-    if not isinstance(name, str) or not name:
-        raise OllamaError("invalid_response", f"{path}: a model row has no name")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(" ", text.encode("utf-8", "replace").decode("utf-8"))
+
+
+def _label(value: Any, limit: int = MAX_LABEL) -> str:
+    """`value` if it is a string fit to be a label value (UTF-8, no control characters, short), else ""."""
+    if not isinstance(value, str) or len(value) > limit or _CONTROL.search(value):
+        return ""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \\ud800 escape
+        return ""
+    return value
+
+
+def _name(row: Any) -> str:
+    if not isinstance(row, dict):
+        raise _BadRow()
+    name = _label(row.get("name") or row.get("model"), MAX_NAME)
+    if not name:
+        raise _BadRow()
     return name
 
 
-def _int(value: Any) -> Optional[int]:
+def _int(value: Any, low: int = 0, high: int = MAX_COUNT) -> Optional[int]:
+    """A whole number in [low, high], from a JSON int or an integral float; anything else is None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and low <= value <= high:
+        return value
     return None
 
 
-def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _strings(value: Any) -> Optional[tuple[str, ...]]:
+def _strings(value: Any, limit: int = MAX_CAPABILITIES) -> Optional[tuple[str, ...]]:
     if not isinstance(value, list):
         return None
-    return tuple(v for v in value if isinstance(v, str))
+    return tuple(dict.fromkeys(s for s in (_label(v, 64) for v in value[:limit]) if s))
 
 
 def parse_details(value: Any) -> ModelDetails:
     d = value if isinstance(value, dict) else {}
     return ModelDetails(
-        format=_str(d.get("format")),
-        family=_str(d.get("family")),
+        format=_label(d.get("format")),
+        family=_label(d.get("family")),
         families=_strings(d.get("families")) or (),
-        parameter_size=_str(d.get("parameter_size")),
-        quantization_level=_str(d.get("quantization_level")),
+        parameter_size=_label(d.get("parameter_size")),
+        quantization_level=_label(d.get("quantization_level")),
     )
 
 
-def parse_loaded(row: dict) -> LoadedModel:
+def _digest(value: Any) -> str:
+    text = _label(value, 100)
+    return text if re.fullmatch(r"(sha256:)?[0-9a-fA-F]{12,64}", text) else ""
+
+
+def parse_loaded(row: Any) -> LoadedModel:
+    name = _name(row)
     return LoadedModel(
-        name=_name(row, "/api/ps"),
-        digest=_str(row.get("digest")),
-        size=_int(row.get("size")) or 0,
+        name=name,
+        digest=_digest(row.get("digest")),
+        size=_int(row.get("size")),
         size_vram=_int(row.get("size_vram")),
         expires_at=parse_timestamp(row.get("expires_at")),
-        context_length=_int(row.get("context_length")),
+        context_length=_int(row.get("context_length"), 0, 1 << 31),
         details=parse_details(row.get("details")),
+        remote=bool(row.get("remote_host") or row.get("remote_model")),
     )
 
 
-def parse_installed(row: dict) -> InstalledModel:
+def parse_installed(row: Any) -> InstalledModel:
+    name = _name(row)
     return InstalledModel(
-        name=_name(row, "/api/tags"),
-        digest=_str(row.get("digest")),
-        size=_int(row.get("size")) or 0,
+        name=name,
+        digest=_digest(row.get("digest")),
+        size=_int(row.get("size")),
         details=parse_details(row.get("details")),
         capabilities=_strings(row.get("capabilities")),
+        remote=bool(row.get("remote_host") or row.get("remote_model")),
     )
 
 
@@ -261,35 +314,41 @@ _FROM_BLOB = re.compile(r"^FROM\s+\S*sha256[-:]([0-9a-f]{64})\s*$", re.MULTILINE
 
 def parse_show(body: dict) -> ShowInfo:
     info = body.get("model_info") if isinstance(body.get("model_info"), dict) else {}
-    arch = _str(info.get("general.architecture"))
-    blob = _FROM_BLOB.search(_str(body.get("modelfile")))
+    arch = _label(info.get("general.architecture"), 64)
+    modelfile = body.get("modelfile")
+    blob = _FROM_BLOB.search(modelfile[: 1 << 20]) if isinstance(modelfile, str) else None
     return ShowInfo(
         architecture=arch,
-        context_length=_int(info.get(f"{arch}.context_length")) if arch else None,
+        context_length=_int(info.get(f"{arch}.context_length"), 1, 1 << 31) if arch else None,
         parameter_count=_int(info.get("general.parameter_count")),
         capabilities=_strings(body.get("capabilities")),
         weights_blob=blob.group(1) if blob else None,
         details=parse_details(body.get("details")),
+        remote=bool(body.get("remote_host") or body.get("remote_model")),
     )
 
 
 _RFC3339 = re.compile(
-    r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(?:([Zz])|([+-])(\d\d):(\d\d))$"
+    r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,12}))?(?:([Zz])|([+-])(\d\d):(\d\d))$"
 )
 
 
 def parse_timestamp(value: Any) -> Optional[float]:
-    """RFC 3339 with any fraction length and any offset to unix seconds; Go's zero time is None."""
-    m = _RFC3339.match(value) if isinstance(value, str) else None
+    """RFC 3339 with any fraction length and any offset to unix seconds; Go's zero time or a date that
+    does not exist (month 13, say) is None, and never fails the answer it is part of."""
+    m = _RFC3339.match(value) if isinstance(value, str) and len(value) <= 64 else None
     if not m:
         return None
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
-    if year <= 1:
+    if year <= 1 or not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]
+                         and hour <= 23 and minute <= 59 and second <= 60):
         return None
-    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    seconds = calendar.timegm((year, month, day, hour, minute, min(second, 59), 0, 0, 0))
     if m.group(7):
         seconds += int(m.group(7)[:9].ljust(9, "0")) / 1e9
     if m.group(9):
         offset = int(m.group(10)) * 3600 + int(m.group(11)) * 60
+        if offset > 24 * 3600:
+            return None
         seconds -= offset if m.group(9) == "+" else -offset
     return float(seconds)

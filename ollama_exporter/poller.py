@@ -3,11 +3,15 @@
 Polling (rather than fetching at scrape time) bounds the load on Ollama however often it is scraped,
 sees loads and unloads that happen between scrapes, and means a scrape never waits on Ollama.
 
-Each source call runs in its own daemon thread with a deadline, so a hung endpoint costs at most one
-timeout per poll and never delays the other sources; a call still stuck from an earlier poll is not
-started again (no pile-up of threads on a wedged server). /api/show is only called for manifest
-digests it has not seen, and its answers are cached by digest until the model disappears from
-/api/tags, so a steady state makes no /api/show calls at all.
+Each source call runs in its own daemon thread with a deadline (the HTTP client enforces it to the
+byte, so a call cannot outlive it; NVML can, and a call still stuck from an earlier poll is not started
+again). /api/show is fetched in the background (showcache.py), only for manifest digests it has not
+seen, so a slow /api/show never holds up a poll and a steady state makes no /api/show calls at all.
+
+A model name that has been in neither /api/tags nor /api/ps for `forget_after` seconds is forgotten
+(its counters and probe results go), so names that come and go cannot pile up series; rows an answer
+could not give (over `max_models`, invalid, duplicated) are counted in
+ollama_exporter_dropped_models_total and said once in the log.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional
 
 from ollama_exporter import runners
-from ollama_exporter.backoff import Backoff
 from ollama_exporter.gpu import GpuSource
-from ollama_exporter.ollama import OllamaClient
+from ollama_exporter.ollama import DROP_REASONS, OllamaClient, Rows
+from ollama_exporter.showcache import ShowCache
 from ollama_exporter.snapshot import (
     ERROR_REASONS,
     GPU_ERROR_REASONS,
@@ -31,7 +36,6 @@ from ollama_exporter.snapshot import (
     InstalledModel,
     LoadedModel,
     ReloadStatus,
-    ShowInfo,
     Snapshot,
     SourceError,
     SourceStatus,
@@ -43,6 +47,15 @@ log = logging.getLogger(__name__)
 API_SOURCES = ("version", "ps", "tags", "show")  # Ollama's endpoints; "show" covers every /api/show call
 SOURCES = API_SOURCES + ("gpu",)
 SHOW_CONCURRENCY = 4
+_SHOW_POOL: Optional[ThreadPoolExecutor] = None
+
+
+def show_pool() -> ThreadPoolExecutor:
+    """The process-wide pool /api/show calls run in (for every poller and multi-target view)."""
+    global _SHOW_POOL
+    if _SHOW_POOL is None:
+        _SHOW_POOL = ThreadPoolExecutor(SHOW_CONCURRENCY, thread_name_prefix="show")
+    return _SHOW_POOL
 
 
 @dataclass
@@ -73,7 +86,7 @@ class _Call:
         except SourceError as exc:
             self.outcome.error = exc
         except Exception as exc:  # a bug must not kill the loop; report it under the source's catch-all reason
-            log.exception("unexpected error in %s", self.key)
+            log.exception("unexpected error in a source", extra={"source": self.key})
             self.outcome.error = SourceError(unexpected, f"{self.key}: {exc}")
         self.outcome.duration = time.monotonic() - self.started
 
@@ -95,10 +108,12 @@ class Poller:
 
     def __init__(self, client: OllamaClient, interval: float, clock: Callable[[], float] = time.time,
                  gpu: Optional[GpuSource] = None, gpu_off_state: Optional[GpuState] = None,
-                 probe_stats: Optional[Callable[[set], Mapping]] = None):
+                 probe_stats: Optional[Callable[[set], Mapping]] = None, forget_after: float = 3600.0,
+                 pool: Optional[Executor] = None):
         self.client = client
         self.probe_stats = probe_stats  # prober.Prober.stats, copied into each snapshot
         self.interval = interval
+        self.forget_after = forget_after
         self.clock = clock
         self.gpu = gpu
         self.gpu_off_state = gpu_off_state
@@ -106,8 +121,10 @@ class Poller:
         self._snapshot = Snapshot.empty()
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._busy: dict[str, threading.Thread] = {}  # source -> its call's thread, to avoid pile-ups
-        self._show_cache: dict[str, ShowInfo] = {}
-        self._show_retry: dict[str, Backoff] = {}  # digest -> when /api/show may be tried again
+        self.shows = ShowCache(lambda name: self.client.show(name), pool or show_pool(), interval, clock)
+        self.settle_shows = False  # wait for new /api/show answers within the poll (--once, probe command)
+        self._seen: dict[str, float] = {}  # model name -> when it was last in /api/tags or /api/ps
+        self._dropped: Counter = Counter({(s, r): 0 for s in ("ps", "tags") for r in DROP_REASONS})
         self._status: dict[str, SourceStatus] = {}
         self._errors: Counter = Counter({(s, r): 0 for s in API_SOURCES for r in ERROR_REASONS})
         if gpu is not None:
@@ -170,18 +187,21 @@ class Poller:
             self._version = outcomes["version"].value
         if outcomes["tags"].error is None:
             self._installed = tuple(outcomes["tags"].value)
-            self._evict_show_cache()
-            self._record("show", self._fetch_show(now), now)
+            self._count_dropped("tags", outcomes["tags"].value)
+            self.shows.update(self._installed)
+            if self.settle_shows:
+                self.settle(self.client.timeout + 0.5)
+        self._record_shows(now)
         installed = tuple(self._with_show(m) for m in self._installed)
 
         loaded: tuple[LoadedModel, ...] = ()
         if outcomes["ps"].error is None:
             loaded = tuple(outcomes["ps"].value)
+            self._count_dropped("ps", outcomes["ps"].value)
             self._count_transitions(loaded)
 
-        for name in [m.name for m in installed] + [m.name for m in loaded]:
-            self._loads[name] += 0
-            self._unloads[name] += 0
+        self._remember(now, [m.name for m in installed] if outcomes["tags"].error is None else [],
+                       [m.name for m in loaded])
 
         gpu = self._gpu_state(outcomes.get("gpu"))
         model_gpu, unattributed = (), {}
@@ -200,10 +220,11 @@ class Poller:
             loads_total=frozen_map(self._loads),
             unloads_total=frozen_map(self._unloads),
             errors_total=frozen_map(self._errors),
+            dropped_total=frozen_map(self._dropped),
             gpu=gpu,
             model_gpu_memory=model_gpu,
             gpu_unattributed=frozen_map(unattributed),
-            probes=self.probe_stats(self._installed_names()) if self.probe_stats else None,
+            probes=self.probe_stats(set(self._seen)) if self.probe_stats else None,
             reload=self.reload_status,
         )
         self._snapshot = snapshot
@@ -212,11 +233,6 @@ class Poller:
         return snapshot
 
     # --- helpers ---
-
-    def _installed_names(self) -> Optional[set]:
-        """Installed model names, or None while /api/tags has never answered (nothing is known gone)."""
-        tags = self._status.get("tags")
-        return {m.name for m in self._installed} if tags and tags.last_success is not None else None
 
     def _gpu_state(self, outcome: Optional[Outcome]) -> Optional[GpuState]:
         """This poll's GPU state; after a failed sample, the GPUs last seen are reported down."""
@@ -237,49 +253,57 @@ class Poller:
         if outcome.error is None:
             status = SourceStatus(name, True, outcome.duration, now)
             if previous is not None and not previous.up:
-                log.info("source %s recovered", name)
+                log.info("source recovered", extra={"source": name})
         else:
             self._errors[(name, outcome.error.reason)] += 1
             status = SourceStatus(name, False, outcome.duration, last_success, outcome.error.reason, str(outcome.error))
             if previous is None or previous.up or previous.error != status.error:
-                log.warning("source %s failed (%s): %s", name, outcome.error.reason, outcome.error)
+                log.warning("source failed", extra={"source": name, "reason": outcome.error.reason,
+                                                     "error": str(outcome.error)})
         self._status[name] = status
 
-    def _evict_show_cache(self) -> None:
-        digests = {m.digest for m in self._installed}
-        for digest in list(self._show_cache):
-            if digest not in digests:
-                del self._show_cache[digest]
-        for digest in list(self._show_retry):
-            if digest not in digests:
-                del self._show_retry[digest]
+    def settle(self, timeout: float) -> None:
+        """Wait (up to `timeout`) for the /api/show calls under way: for --once and the probe command."""
+        deadline = time.monotonic() + timeout
+        while self.shows.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
 
-    def _fetch_show(self, now: float) -> Outcome:
-        """Call /api/show for digests not yet cached (bounded concurrency); one Outcome for them all."""
-        wanted: dict[str, str] = {}
-        for model in self._installed:
-            retry = self._show_retry.get(model.digest)
-            if model.digest not in self._show_cache and model.digest not in wanted and (not retry or retry.ready(now)):
-                wanted[model.digest] = model.name
-        started, first_error = time.monotonic(), None
-        items = list(wanted.items())
-        for i in range(0, len(items), SHOW_CONCURRENCY):
-            batch = items[i : i + SHOW_CONCURRENCY]
-            deadline = time.monotonic() + self.client.timeout + 0.5
-            calls = [(d, _Call(f"show {n}", lambda n=n: self.client.show(n), self._busy)) for d, n in batch]
-            for digest, call in calls:
-                outcome = call.wait(deadline)
-                if outcome.error is None:
-                    self._show_cache[digest] = outcome.value
-                    self._show_retry.pop(digest, None)
-                else:
-                    self._show_retry.setdefault(digest, Backoff(self.interval)).fail(now)
-                    first_error = first_error or outcome.error
-        return Outcome(error=first_error, duration=time.monotonic() - started)
+    def _record_shows(self, now: float) -> None:
+        """The show source's status from the calls that finished since the last poll (if any did)."""
+        outcomes = self.shows.drain()
+        if not outcomes:
+            return
+        failed = next((o for o in reversed(outcomes) if not o.ok), None)
+        self._record("show", Outcome(error=failed.error if failed else None,
+                                     duration=max(o.duration for o in outcomes)), now)
+        for outcome in outcomes[:-1]:
+            if not outcome.ok and outcome is not failed:
+                self._errors[("show", outcome.error.reason)] += 1
 
     def _with_show(self, model: InstalledModel) -> InstalledModel:
-        info = self._show_cache.get(model.digest)
+        info = self.shows.get(model.digest)
         return replace(model, show=info) if info is not None else model
+
+    def _count_dropped(self, source: str, rows: Rows) -> None:
+        for reason, count in getattr(rows, "dropped", {}).items():
+            if count and not self._dropped[(source, reason)]:
+                log.warning("model rows dropped", extra={"source": source, "reason": reason, "count": count,
+                                                        "limit": self.client.max_models})
+            self._dropped[(source, reason)] += count
+
+    def _remember(self, now: float, installed: list[str], loaded: list[str]) -> None:
+        """Note the names seen now; forget those unseen for `forget_after` seconds (counters included)."""
+        for name in installed + loaded:
+            if name not in self._seen:
+                self._loads[name] += 0  # counters start at 0, so increase() counts the first load too
+                self._unloads[name] += 0
+            self._seen[name] = now
+        for name in [n for n, seen in self._seen.items() if now - seen > self.forget_after]:
+            del self._seen[name]
+            self._loads.pop(name, None)
+            self._unloads.pop(name, None)
+            if self._previous_loaded is not None:
+                self._previous_loaded.pop(name, None)
 
     def _count_transitions(self, loaded: tuple[LoadedModel, ...]) -> None:
         current = {m.name: m.identity for m in loaded}
@@ -288,12 +312,12 @@ class Poller:
             for name, identity in current.items():
                 if name not in previous:
                     self._loads[name] += 1
-                    log.info("model %s loaded", name)
+                    log.info("model loaded", extra={"model": name})
                 elif previous[name] != identity:  # replaced between polls: a reload
                     self._unloads[name] += 1
                     self._loads[name] += 1
-                    log.info("model %s reloaded", name)
+                    log.info("model reloaded", extra={"model": name})
             for name in previous.keys() - current.keys():
                 self._unloads[name] += 1
-                log.info("model %s unloaded", name)
+                log.info("model unloaded", extra={"model": name})
         self._previous_loaded = current

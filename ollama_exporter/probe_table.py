@@ -43,8 +43,10 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 def run_probe_command(config: Config, models: tuple[str, ...], count: int, echo: Callable[[str], None]) -> int:
     """Probe and print; returns the exit status (0 all ok, 1 a probe failed or Ollama is unreachable)."""
-    client = OllamaClient(config.ollama_url, config.ollama_timeout)
-    snapshot = Poller(client, config.poll_interval).poll_once()
+    client = OllamaClient(config.ollama_url, config.ollama_timeout, config.ollama_max_models)
+    poller = Poller(client, config.poll_interval)
+    poller.settle_shows = True
+    snapshot = poller.poll_once()
     if not snapshot.up:
         failed = [s for s in snapshot.sources if not s.up]
         echo(f"cannot read Ollama at {config.ollama_url}: {failed[0].message if failed else 'no answer'}")

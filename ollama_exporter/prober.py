@@ -267,7 +267,7 @@ class Prober:
                 try:
                     future.set_result(self._run_job(job))
                 except BaseException as exc:  # surfaced through the future; the loop goes on
-                    log.exception("probe of %s failed unexpectedly", job.model)
+                    log.exception("probe failed unexpectedly", extra={"model": job.model})
                     future.set_exception(exc)
 
         threading.Thread(target=work, name=f"probe {job.model}", daemon=True).start()
@@ -342,12 +342,12 @@ class Prober:
                 if job.row is not None:  # it was resident: our request made it reload
                     state.backoff_until = self.clock() + self.backoff_seconds
                     state.strategy = STRATEGIES[1 - STRATEGIES.index(state.strategy)]
-                    log.warning("probe of %s caused a reload; pausing its probes for %gs, next with num_ctx %s",
-                                job.model, self.backoff_seconds,
-                                "omitted" if state.strategy == "omit" else "from /api/ps")
+                    log.warning("probe caused a reload, pausing the model's probes", extra={
+                        "model": job.model, "duration": self.backoff_seconds,
+                        "num_ctx": "omitted" if state.strategy == "omit" else "from /api/ps"})
             stats.record(result, self.clock())
         if not result.ok:
-            log.info("probe of %s failed (%s): %s", job.model, result.reason, result.message)
+            log.info("probe failed", extra={"model": job.model, "reason": result.reason, "error": result.message})
         return result
 
     def _ps_row(self, name: str) -> Optional[LoadedModel]:

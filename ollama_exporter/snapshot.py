@@ -50,6 +50,7 @@ class ShowInfo:
     capabilities: Optional[tuple[str, ...]] = None  # None: the server predates `capabilities`
     weights_blob: Optional[str] = None  # 64-hex sha256 of the weights blob from the modelfile's FROM line
     details: ModelDetails = ModelDetails()
+    remote: bool = False  # a cloud/remote model (remote_host or remote_model): inference leaves this host
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,11 @@ class InstalledModel:
 
     name: str
     digest: str
-    size: int
+    size: Optional[int]  # None when the server sent no usable number
     details: ModelDetails
     capabilities: Optional[tuple[str, ...]] = None  # from /api/tags (v0.30+); /api/show wins if present
     show: Optional[ShowInfo] = None
+    remote: bool = False  # a cloud/remote model (remote_host or remote_model in /api/tags)
 
     @property
     def merged_details(self) -> ModelDetails:
@@ -80,11 +82,12 @@ class LoadedModel:
 
     name: str
     digest: str
-    size: int
+    size: Optional[int]  # None when the server sent no usable number
     size_vram: Optional[int]  # None on servers older than v0.1.42, which left it out when 0
     expires_at: Optional[float]  # unix seconds; keep_alive -1 gives a year-2318 value
     context_length: Optional[int]  # allocated per-slot context; None before v0.10.0
     details: ModelDetails
+    remote: bool = False  # a cloud/remote model (remote_host or remote_model in /api/ps)
 
     @property
     def identity(self) -> tuple[str, Optional[int]]:
@@ -205,6 +208,7 @@ class Snapshot:
     loads_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     unloads_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     errors_total: Mapping[tuple[str, str], int] = field(default_factory=lambda: frozen_map({}))
+    dropped_total: Mapping[tuple[str, str], int] = field(default_factory=lambda: frozen_map({}))  # (source, reason)
     gpu: Optional[GpuState] = None  # None: GPU source disabled
     model_gpu_memory: tuple[ModelGpuMemory, ...] = ()
     gpu_unattributed: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,8 @@ class Exporter:
     Its log goes to a file (a pipe nobody reads would fill and stall it); stop() checks that every line
     of it is well-formed logfmt or JSON, so each test that runs the daemon also tests its logs."""
 
-    def __init__(self, *args: str, host: str = "127.0.0.1", env: Optional[dict] = None, listen: bool = True):
+    def __init__(self, *args: str, host: str = "127.0.0.1", env: Optional[dict] = None, listen: bool = True,
+                 nofile: Optional[tuple[int, int]] = None):
         self.port = free_port(host)
         self.host = host
         bracketed = f"[{host}]" if ":" in host else host
@@ -87,9 +89,10 @@ class Exporter:
         full_env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST" and not k.startswith("OLLAMA_EXPORTER_")}
         full_env.update(env or {})
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="exporter-", suffix=".log", delete=False)
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)) if nofile else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ollama_exporter", *self.args],
-            env=full_env, stdout=subprocess.DEVNULL, stderr=self.log_file, text=True,
+            env=full_env, stdout=subprocess.DEVNULL, stderr=self.log_file, text=True, preexec_fn=limit,
         )
 
     def logs(self) -> str:

@@ -1,4 +1,5 @@
-"""The API client against every captured Ollama response (replayed with `responses`) and every failure class."""
+"""The API client against every captured Ollama response (replayed byte for byte over loopback) and
+every failure class."""
 
 from __future__ import annotations
 
@@ -7,25 +8,27 @@ import threading
 import socket
 
 import pytest
-import requests
-import responses
 
 from ollama_exporter.ollama import OllamaClient, OllamaError, parse_timestamp
 from tests.conftest import FIXTURES, fixture_files
+from tests.fakes.hostile import ScriptedServer
 
-BASE = "http://ollama.test:11434"
+
+@pytest.fixture
+def up():
+    with ScriptedServer() as server:
+        yield server
 
 
-def client(timeout: float = 2.0) -> OllamaClient:
-    return OllamaClient(BASE, timeout)
+def client(server: ScriptedServer, timeout: float = 2.0) -> OllamaClient:
+    return OllamaClient(server.url, timeout)
 
 
 @pytest.mark.parametrize("path", fixture_files("ps", "*.json"), ids=lambda p: p.name)
-@responses.activate
-def test_every_captured_ps_body_parses(path):
+def test_every_captured_ps_body_parses(path, up):
     raw = json.loads(path.read_text())
-    responses.get(BASE + "/api/ps", body=path.read_text())
-    models = client().ps()
+    up.reply("GET", "/api/ps", body=path.read_bytes())
+    models = client(up).ps()
     assert [m.name for m in models] == [r["name"] for r in raw["models"]]
     for model, row in zip(models, raw["models"]):
         assert model.size == row["size"]
@@ -36,22 +39,20 @@ def test_every_captured_ps_body_parses(path):
 
 
 @pytest.mark.parametrize("path", fixture_files("tags", "*.json"), ids=lambda p: p.name)
-@responses.activate
-def test_every_captured_tags_body_parses(path):
+def test_every_captured_tags_body_parses(path, up):
     raw = json.loads(path.read_text())
-    responses.get(BASE + "/api/tags", body=path.read_text())
-    models = client().tags()
+    up.reply("GET", "/api/tags", body=path.read_bytes())
+    models = client(up).tags()
     assert [(m.name, m.digest, m.size) for m in models] == [(r["name"], r["digest"], r["size"]) for r in raw["models"]]
     for model, row in zip(models, raw["models"]):
         assert model.details.families == tuple(row["details"].get("families") or ())
 
 
 @pytest.mark.parametrize("path", fixture_files("show", "*.json"), ids=lambda p: p.name)
-@responses.activate
-def test_every_captured_show_body_parses(path):
+def test_every_captured_show_body_parses(path, up):
     raw = json.loads(path.read_text())
-    responses.post(BASE + "/api/show", body=path.read_text())
-    info = client().show("llama3")
+    up.reply("POST", "/api/show", body=path.read_bytes())
+    info = client(up).show("llama3")
     arch = raw["model_info"]["general.architecture"]
     assert info.architecture == arch
     assert info.context_length == raw["model_info"][f"{arch}.context_length"]
@@ -59,23 +60,21 @@ def test_every_captured_show_body_parses(path):
     assert info.capabilities == (tuple(raw["capabilities"]) if "capabilities" in raw else None)
     assert info.weights_blob is not None and len(info.weights_blob) == 64
     assert f"sha256-{info.weights_blob}" in raw["modelfile"]
-    assert json.loads(responses.calls[0].request.body) == {"model": "llama3"}
+    assert json.loads(up.requests[0].body) == {"model": "llama3"}
 
 
 @pytest.mark.parametrize("path", fixture_files("version"), ids=lambda p: p.name)
-@responses.activate
-def test_every_captured_version_parses(path):
-    responses.get(BASE + "/api/version", body=path.read_text())
-    assert client().version() == json.loads(path.read_text())["version"]
+def test_every_captured_version_parses(path, up):
+    up.reply("GET", "/api/version", body=path.read_bytes())
+    assert client(up).version() == json.loads(path.read_text())["version"]
 
 
 @pytest.mark.parametrize("path", fixture_files("tags", "*.txt") + fixture_files("ps", "*.txt"), ids=lambda p: p.name)
-@responses.activate
-def test_truncated_or_non_json_captures_are_invalid_responses(path):
-    responses.get(BASE + "/api/tags", body=path.read_text())
-    responses.get(BASE + "/api/ps", body=path.read_text())
+def test_truncated_or_non_json_captures_are_invalid_responses(path, up):
+    up.reply("GET", "/api/tags", body=path.read_bytes())
+    up.reply("GET", "/api/ps", body=path.read_bytes())
     with pytest.raises(OllamaError) as err:
-        client().tags() if "/tags/" in str(path) else client().ps()
+        client(up).tags() if "/tags/" in str(path) else client(up).ps()
     assert err.value.reason == "invalid_response"
 
 
@@ -89,22 +88,20 @@ def test_truncated_or_non_json_captures_are_invalid_responses(path):
         (403, None, "http_4xx", "(empty body)"),
     ],
 )
-@responses.activate
-def test_http_errors_are_classified_and_keep_ollamas_message(status, fixture, reason, text):
-    body = (FIXTURES / "api" / "errors" / fixture).read_text() if fixture else ""
-    responses.get(BASE + "/api/ps", body=body, status=status)
+def test_http_errors_are_classified_and_keep_ollamas_message(status, fixture, reason, text, up):
+    body = (FIXTURES / "api" / "errors" / fixture).read_bytes() if fixture else b""
+    up.reply("GET", "/api/ps", status, body)
     with pytest.raises(OllamaError) as err:
-        client().ps()
+        client(up).ps()
     assert err.value.reason == reason
     assert f"HTTP {status}" in str(err.value) and text in str(err.value)
 
 
-@responses.activate
-def test_garbage_and_wrong_shapes_are_invalid_responses():
-    responses.get(BASE + "/api/ps", body="<html>proxy error</html>")
-    responses.get(BASE + "/api/tags", json={"models": {"not": "a list"}})
-    responses.get(BASE + "/api/version", json={"version": 12})
-    for call in (client().ps, client().tags, client().version):
+def test_garbage_and_wrong_shapes_are_invalid_responses(up):
+    up.reply("GET", "/api/ps", body=b"<html>proxy error</html>")
+    up.reply("GET", "/api/tags", body=json.dumps({"models": {"not": "a list"}}).encode())
+    up.reply("GET", "/api/version", body=json.dumps({"version": 12}).encode())
+    for call in (client(up).ps, client(up).tags, client(up).version):
         with pytest.raises(OllamaError) as err:
             call()
         assert err.value.reason == "invalid_response"
@@ -131,7 +128,7 @@ def test_a_server_that_never_answers_times_out_at_the_deadline():
 
 
 def test_a_slow_drip_body_is_cut_off_at_the_total_deadline():
-    """A server sending one byte every 100 ms never trips requests' per-read timeout; ours must still end."""
+    """A server sending one byte every 100 ms never trips a per-read timeout; ours must still end."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -175,17 +172,17 @@ def test_expires_at_any_offset_and_precision(text, expected):
     assert value == pytest.approx(expected, abs=1e-6) if expected is not None else value is None
 
 
-@responses.activate
-def test_requests_identify_the_exporter():
-    responses.get(BASE + "/api/version", json={"version": "0.32.15"})
-    client().version()
-    assert responses.calls[0].request.headers["User-Agent"].startswith("ollama-exporter/")
+def test_requests_identify_the_exporter_and_ask_for_no_compression(up):
+    up.reply("GET", "/api/version", body=b'{"version":"0.32.15"}')
+    client(up).version()
+    assert up.requests[0].headers["user-agent"].startswith("ollama-exporter/")
+    assert up.requests[0].headers["accept-encoding"] == "identity"
 
 
-def test_requests_timeout_is_not_misreported(monkeypatch):
-    """requests.ConnectTimeout is both a Timeout and a ConnectionError: it must count as a timeout."""
-    c = client(0.1)
-    monkeypatch.setattr(c.session, "request", lambda *a, **k: (_ for _ in ()).throw(requests.ConnectTimeout("x")))
+def test_basic_auth_from_the_url_is_sent_and_never_shown(up):
+    up.reply("GET", "/api/version", status=401, body=b"who are you")
+    url = up.url.replace("http://", "http://admin:hunter2@")
     with pytest.raises(OllamaError) as err:
-        c.version()
-    assert err.value.reason == "timeout"
+        OllamaClient(url, 2).version()
+    assert up.requests[0].headers["authorization"] == "Basic YWRtaW46aHVudGVyMg=="
+    assert "hunter2" not in str(err.value)

@@ -12,8 +12,11 @@ from ollama_exporter.poller import Poller
 from tests.conftest import FIXTURES, sample
 
 
-def make_poller(fake, timeout: float = 1.0, clock=time.time) -> Poller:
-    return Poller(OllamaClient(fake.url, timeout), interval=5.0, clock=clock)
+def make_poller(fake, timeout: float = 1.0, clock=time.time, settle: bool = True) -> Poller:
+    """A poller that waits for new /api/show answers within each poll, so one poll shows them."""
+    poller = Poller(OllamaClient(fake.url, timeout), interval=5.0, clock=clock)
+    poller.settle_shows = settle
+    return poller
 
 
 def status(snapshot, source):

@@ -274,19 +274,22 @@ def test_probes_of_one_model_never_overlap_and_concurrency_is_bounded(fake_ollam
     assert sample(text, "ollama_probe_skipped_total", model="a:1", reason="in_progress") == 1
 
 
-def test_probe_series_vanish_when_the_model_is_removed(fake_ollama):
+def test_probe_series_vanish_when_the_model_is_forgotten(fake_ollama):
     fake_ollama.add_model("temp:1")
     fake_ollama.load("temp:1", keep_alive=-1)
     fake_ollama.set_timing(ttft=0.01, token_gap=0.001)
     poller, prober = make(fake_ollama)
+    now = [1000.0]
+    poller.clock, poller.forget_after = (lambda: now[0]), 60.0
     probe_round(poller, prober)
     assert sample(render(poller.poll_once())[0].decode(), "ollama_probes_total", model="temp:1") == 1
     fake_ollama.unload("temp:1")
     fake_ollama.remove_model("temp:1")
     text = render(poller.poll_once())[0].decode()
-    assert "temp:1" not in text.replace("ollama_model_loads_total", "").replace("ollama_model_unloads_total", "") \
-        or all(line.startswith(("ollama_model_loads_total", "ollama_model_unloads_total"))
-               for line in text.splitlines() if "temp:1" in line)
+    assert sample(text, "ollama_probes_total", model="temp:1") == 1  # a counter: kept until forgotten
+    now[0] += 61
+    text = render(poller.poll_once())[0].decode()
+    assert "temp:1" not in text  # counters, histograms and gauges alike
 
 
 def test_probe_command_prints_a_table(fake_ollama):
