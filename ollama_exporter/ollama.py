@@ -58,11 +58,16 @@ class OllamaClient:
     def show(self, name: str) -> ShowInfo:
         return parse_show(self._object("POST", "/api/show", {"model": name}))
 
-    def embed(self, payload: dict, timeout: float) -> dict:
+    def embed(self, payload: dict, timeout: float, headers: Optional[dict] = None) -> dict:
         """POST /api/embed (an inference request: it goes through Ollama's scheduler)."""
-        return self._object("POST", "/api/embed", payload, timeout)
+        return self._object("POST", "/api/embed", payload, timeout, headers)
 
-    def stream(self, path: str, payload: dict, timeout: float) -> Iterator[tuple[float, Any]]:
+    def post(self, path: str, payload: dict, timeout: float, headers: Optional[dict] = None) -> dict:
+        """POST any non-streaming request whose answer is one JSON object (e.g. a load-only /api/generate)."""
+        return self._object("POST", path, payload, timeout, headers)
+
+    def stream(self, path: str, payload: dict, timeout: float,
+               headers: Optional[dict] = None) -> Iterator[tuple[float, Any]]:
         """POST a streaming request; yield (time.monotonic() when the line arrived, parsed line) per NDJSON line.
 
         Lines are yielded as soon as their bytes arrive (read1 returns each chunk as the server flushes it),
@@ -71,7 +76,8 @@ class OllamaClient:
         """
         deadline = time.monotonic() + timeout
         with self._transport_errors(path, timeout), \
-                self.session.post(self.base_url + path, json=payload, timeout=timeout, stream=True) as resp:
+                self.session.post(self.base_url + path, json=payload, timeout=timeout, stream=True,
+                                  headers=headers) as resp:
             if resp.status_code >= 400:
                 self._raise_http(path, resp.status_code, _read_body(resp, deadline, path))
             buffer = b""
@@ -87,13 +93,15 @@ class OllamaClient:
 
     # --- transport ---
 
-    def _call(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None) -> Any:
+    def _call(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None,
+              headers: Optional[dict] = None) -> Any:
         """One request, finished (body read and parsed) within `timeout` (default: the client's) in total."""
         url = self.base_url + path
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._transport_errors(path, timeout), \
-                self.session.request(method, url, json=payload, timeout=timeout, stream=True) as resp:
+                self.session.request(method, url, json=payload, timeout=timeout, stream=True,
+                                     headers=headers) as resp:
             body = _read_body(resp, deadline, path)
         if resp.status_code >= 400:
             self._raise_http(path, resp.status_code, body)
@@ -103,8 +111,8 @@ class OllamaClient:
             raise OllamaError("invalid_response", f"{path}: answer is not valid JSON: {body[:80]!r}") from None
 
     def _object(self, method: str, path: str, payload: Optional[dict] = None,
-                timeout: Optional[float] = None) -> dict:
-        body = self._call(method, path, payload, timeout)
+                timeout: Optional[float] = None, headers: Optional[dict] = None) -> dict:
+        body = self._call(method, path, payload, timeout, headers)
         if not isinstance(body, dict):
             raise OllamaError("invalid_response", f"{path}: answer is not a JSON object")
         return body
@@ -223,6 +231,11 @@ def _strings(value: Any) -> Optional[tuple[str, ...]]:
     return tuple(v for v in value if isinstance(v, str))
 
 
+def _remote(row: dict) -> bool:
+    """A cloud or remote model (v0.12+): inference on it is proxied to another server."""
+    return bool(row.get("remote_host") or row.get("remote_model"))
+
+
 def parse_details(value: Any) -> ModelDetails:
     d = value if isinstance(value, dict) else {}
     return ModelDetails(
@@ -243,6 +256,7 @@ def parse_loaded(row: dict) -> LoadedModel:
         expires_at=parse_timestamp(row.get("expires_at")),
         context_length=_int(row.get("context_length")),
         details=parse_details(row.get("details")),
+        remote=_remote(row),
     )
 
 
@@ -253,6 +267,7 @@ def parse_installed(row: dict) -> InstalledModel:
         size=_int(row.get("size")) or 0,
         details=parse_details(row.get("details")),
         capabilities=_strings(row.get("capabilities")),
+        remote=_remote(row),
     )
 
 
@@ -270,6 +285,7 @@ def parse_show(body: dict) -> ShowInfo:
         capabilities=_strings(body.get("capabilities")),
         weights_blob=blob.group(1) if blob else None,
         details=parse_details(body.get("details")),
+        remote=_remote(body),
     )
 
 

@@ -114,7 +114,8 @@ class Poller:
             self._errors.update({("gpu", r): 0 for r in GPU_ERROR_REASONS})
         self._loads: Counter = Counter()
         self._unloads: Counter = Counter()
-        self._previous_loaded: Optional[dict[str, tuple]] = None
+        self._downgrades: Counter = Counter()
+        self._previous_loaded: Optional[dict[str, LoadedModel]] = None
         self._version: Optional[str] = None
         self._installed: tuple[InstalledModel, ...] = ()
         self.reload_status: Optional[ReloadStatus] = None  # set by the daemon, copied into each snapshot
@@ -177,11 +178,12 @@ class Poller:
         loaded: tuple[LoadedModel, ...] = ()
         if outcomes["ps"].error is None:
             loaded = tuple(outcomes["ps"].value)
-            self._count_transitions(loaded)
+            self._count_transitions(loaded, now)
 
         for name in [m.name for m in installed] + [m.name for m in loaded]:
             self._loads[name] += 0
             self._unloads[name] += 0
+            self._downgrades[name] += 0
 
         gpu = self._gpu_state(outcomes.get("gpu"))
         model_gpu, unattributed = (), {}
@@ -199,11 +201,12 @@ class Poller:
             sources=tuple(self._status[s] for s in SOURCES if s in self._status),
             loads_total=frozen_map(self._loads),
             unloads_total=frozen_map(self._unloads),
+            keep_alive_downgrades_total=frozen_map(self._downgrades),
             errors_total=frozen_map(self._errors),
             gpu=gpu,
             model_gpu_memory=model_gpu,
             gpu_unattributed=frozen_map(unattributed),
-            probes=self.probe_stats(self._installed_names()) if self.probe_stats else None,
+            probes=self.probe_stats(self._known_names(loaded)) if self.probe_stats else None,
             reload=self.reload_status,
         )
         self._snapshot = snapshot
@@ -213,10 +216,12 @@ class Poller:
 
     # --- helpers ---
 
-    def _installed_names(self) -> Optional[set]:
-        """Installed model names, or None while /api/tags has never answered (nothing is known gone)."""
+    def _known_names(self, loaded: tuple[LoadedModel, ...]) -> Optional[set]:
+        """Installed or loaded model names, or None while /api/tags has never answered (nothing is known gone)."""
         tags = self._status.get("tags")
-        return {m.name for m in self._installed} if tags and tags.last_success is not None else None
+        if not tags or tags.last_success is None:
+            return None
+        return {m.name for m in self._installed} | {m.name for m in loaded}
 
     def _gpu_state(self, outcome: Optional[Outcome]) -> Optional[GpuState]:
         """This poll's GPU state; after a failed sample, the GPUs last seen are reported down."""
@@ -281,18 +286,24 @@ class Poller:
         info = self._show_cache.get(model.digest)
         return replace(model, show=info) if info is not None else model
 
-    def _count_transitions(self, loaded: tuple[LoadedModel, ...]) -> None:
-        current = {m.name: m.identity for m in loaded}
+    def _count_transitions(self, loaded: tuple[LoadedModel, ...], now: float) -> None:
+        current = {m.name: m for m in loaded}
         previous = self._previous_loaded
         if previous is not None:
-            for name, identity in current.items():
-                if name not in previous:
+            for name, row in current.items():
+                before = previous.get(name)
+                if before is None:
                     self._loads[name] += 1
                     log.info("model %s loaded", name)
-                elif previous[name] != identity:  # replaced between polls: a reload
+                    continue
+                if before.identity != row.identity:  # replaced between polls: a reload
                     self._unloads[name] += 1
                     self._loads[name] += 1
                     log.info("model %s reloaded", name)
+                if before.pinned(now) and not row.pinned(now) and not row.stopping(now):
+                    # a runner that a reload without keep_alive replaced, or a client that set a finite one
+                    self._downgrades[name] += 1
+                    log.warning("pinned model became finite", extra={"model": name, "expires_at": row.expires_at})
             for name in previous.keys() - current.keys():
                 self._unloads[name] += 1
                 log.info("model %s unloaded", name)

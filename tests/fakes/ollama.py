@@ -673,11 +673,14 @@ class FakeOllama:
     def evict(self, name: str) -> None:
         """Evict ``name`` as the scheduler does for memory: its duration becomes 0 (ps keeps showing the old
         expires_at) and it unloads as soon as no request is using it."""
+        name = normalize_name(name)
         with self._lock:
-            r = self._runners.get(normalize_name(name))
+            r = self._runners.get(name)
             if r is not None:
                 r.keep_alive_ns, r.ending = 0, "evicted"
-                self._reap()
+                if r.refs == 0:
+                    del self._runners[name]
+                    self._event("unload", name, "evicted", "test")
 
     def loaded(self) -> list[str]:
         with self._lock:
