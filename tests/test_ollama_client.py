@@ -10,7 +10,7 @@ import pytest
 import requests
 import responses
 
-from ollama_exporter.ollama import OllamaClient, OllamaError, parse_timestamp
+from ollama_exporter.ollama import OllamaClient, OllamaError, parse_installed, parse_loaded, parse_show, parse_timestamp
 from tests.conftest import FIXTURES, fixture_files
 
 BASE = "http://ollama.test:11434"
@@ -189,3 +189,23 @@ def test_requests_timeout_is_not_misreported(monkeypatch):
     with pytest.raises(OllamaError) as err:
         c.version()
     assert err.value.reason == "timeout"
+
+
+def test_remote_models_are_recognised_in_every_answer():
+    """Cloud models (v0.12+) carry remote_model/remote_host; a probe of one would go to another server."""
+    remote = {"name": "gpt-oss:120b-cloud", "remote_model": "gpt-oss:120b", "remote_host": "https://ollama.com:443"}
+    assert parse_loaded(remote).remote and parse_installed(remote).remote
+    assert parse_show({"remote_host": "https://ollama.com:443"}).remote
+    assert not parse_loaded({"name": "qwen3:8b"}).remote and not parse_show({}).remote
+
+
+@responses.activate
+def test_extra_headers_go_with_inference_requests():
+    responses.post(BASE + "/api/embed", json={"embeddings": []})
+    responses.post(BASE + "/api/generate", body=b'{"done":true}\n')
+    c = client()
+    c.embed({"model": "m"}, 2.0, {"X-Forwarded-For": "192.0.2.1"})
+    list(c.stream("/api/generate", {"model": "m"}, 2.0, {"X-Forwarded-For": "192.0.2.1"}))
+    c.post("/api/generate", {"model": "m"}, 2.0, {"X-Forwarded-For": "192.0.2.1"})
+    assert [call.request.headers["X-Forwarded-For"] for call in responses.calls] == ["192.0.2.1"] * 3
+    assert "X-Forwarded-For" not in c.session.headers
