@@ -53,6 +53,15 @@ def ps(fake: FakeOllama) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in requests.get(fake.url + "/api/ps", timeout=5).json()["models"]}
 
 
+def in_flight(fake: FakeOllama, model: str = "m:1", **fields: Any) -> Iterator[bytes]:
+    """A streamed request whose first line has arrived: iterate the rest to end it."""
+    r = requests.post(fake.url + "/api/generate", json={"model": model, "prompt": "x", **fields}, stream=True,
+                      timeout=10)
+    lines = r.iter_lines()
+    next(lines)
+    return lines
+
+
 def kinds(fake: FakeOllama) -> list[str]:
     return [e.kind for e in fake.events if e.kind in ("load", "reload")]
 
@@ -250,10 +259,7 @@ def test_expiry_is_set_after_the_response_has_ended(fake: FakeOllama) -> None:
 
 def test_during_the_first_request_after_a_load_ps_shows_now_plus_keep_alive(fake: FakeOllama) -> None:
     fake.set_timing(ttft=0.01, token_gap=0.1, tokens=4, load_time=0.01)
-    r = requests.post(fake.url + "/api/generate", json={"model": "m:1", "prompt": "x", "keep_alive": "1m"},
-                      stream=True, timeout=10)
-    lines = r.iter_lines()
-    next(lines)
+    lines = in_flight(fake, keep_alive="1m")
     first = ps(fake)["m:1"]["expires_at"]
     time.sleep(0.12)
     assert ps(fake)["m:1"]["expires_at"] > first  # moving with the clock
@@ -263,9 +269,7 @@ def test_during_the_first_request_after_a_load_ps_shows_now_plus_keep_alive(fake
 def test_ollama_stop_during_a_request_unloads_when_it_ends(fake: FakeOllama) -> None:
     fake.set_timing(ttft=0.01, token_gap=0.1, tokens=5, load_time=0.01)
     fake.load("m:1", keep_alive=-1)
-    r = requests.post(fake.url + "/api/generate", json={"model": "m:1", "prompt": "x"}, stream=True, timeout=10)
-    lines = r.iter_lines()
-    next(lines)
+    lines = in_flight(fake)
     assert gen(fake, prompt="", keep_alive=0)["done_reason"] == "unload"  # what `ollama stop` sends
     assert "m:1" in ps(fake) and ps(fake)["m:1"]["expires_at"][:4] != "2318"  # "Stopping..."
     list(lines)
@@ -279,9 +283,7 @@ def test_ollama_stop_during_a_request_unloads_when_it_ends(fake: FakeOllama) -> 
 def test_eviction_keeps_ps_unchanged_until_the_request_ends(fake: FakeOllama) -> None:
     fake.set_timing(ttft=0.01, token_gap=0.1, tokens=4, load_time=0.01)
     fake.load("m:1", keep_alive=-1)
-    r = requests.post(fake.url + "/api/generate", json={"model": "m:1", "prompt": "x"}, stream=True, timeout=10)
-    lines = r.iter_lines()
-    next(lines)
+    lines = in_flight(fake)
     fake.evict("m:1")
     assert ps(fake)["m:1"]["expires_at"][:2] == "23"  # still "forever" in ps
     list(lines)
