@@ -389,7 +389,7 @@ class Prober:
         self._workers = _Workers(config.probes_concurrency)
         self.config = config
         self._last_snapshot: Optional[Snapshot] = None
-        self._last_plan: Optional[float] = None
+        self._previous_poll: Optional[float] = None
         self._version_refused: Optional[str] = None
 
     @property
@@ -447,9 +447,9 @@ class Prober:
 
     def plan(self, snapshot: Snapshot) -> list[Job]:
         now = self.clock()
-        first = self._last_plan is None
-        since = now if first else self._last_plan  # a change seen now happened after the previous poll
-        self._last_plan = snapshot.timestamp
+        first = self._previous_poll is None
+        since = now if first else self._previous_poll  # a change seen now happened after the previous poll
+        self._previous_poll = snapshot.timestamp
         version = parse_version(snapshot.version)
         wanted = targets(snapshot, self.config.probes_models)
         if version < MIN_VERSION:
@@ -502,8 +502,8 @@ class Prober:
             return "reload_risk"
         if not state.backoff.ready(now):
             return "backoff"
-        if row.stopping(now):
-            return "not_loaded"  # being stopped or unloaded: a probe would delay that, or load it again
+        if row.expires_at is not None and row.expires_at - now < self._margin(state):
+            return "not_loaded"  # stopping, or about to expire: a probe would delay that, or load it again
         if now - state.probed_at < self.interval:
             return "wait"
         if self.config.probes_idle_models == "skip" and not row.pinned(now) and state.baseline is not None \
@@ -520,6 +520,10 @@ class Prober:
         interval after it would have; at least half an interval."""
         slack = 1.5 * self.config.poll_interval + self.jitter_max + state.last_duration
         return max(self.interval / 2, self.interval - slack)
+
+    def _margin(self, state: _ModelState) -> float:
+        """How long before its expiry a model is left alone: two polls, or the last probe if it took longer."""
+        return max(2 * self.config.poll_interval, state.last_duration)
 
     def _skip(self, name: str, reason: str, now: float) -> None:
         """Count a skip, at most once per probe interval per model and reason (planning runs every poll)."""
@@ -608,8 +612,7 @@ class Prober:
             return "not_loaded"  # stopped, evicted, expired or reloaded by a user since the plan
         if row.remote:
             return "remote"
-        margin = max(2 * self.config.poll_interval, state.last_duration)
-        if row.expires_at is not None and row.expires_at - now < margin:
+        if row.expires_at is not None and row.expires_at - now < self._margin(state):
             return "not_loaded"  # about to expire: a probe would keep it, or load it again
         if job.paused and not _same(row.expires_at, job.row.expires_at):
             return "active"  # used since the plan

@@ -201,6 +201,7 @@ def test_a_model_stopping_in_the_snapshot_is_not_probed(fake):
     requests.post(fake.url + "/api/generate", json={"model": "m:1", "keep_alive": 0}, timeout=5)  # ollama stop
     assert probe_round(poller, prober, clock) == []
     list(lines)
+    fake.wait_settled()
     assert not probe_caused(fake) and "m:1" not in fake.loaded()
 
 
