@@ -8,8 +8,10 @@ interval, this runs longer (default: 3 passes of 18 intervals at 2 s, about 2 mi
 The baseline is in the same run: "unload +s" is how much later the finite-keep_alive model unloaded
 than it would have without the exporter (its users' last request + keep_alive), worst idle period;
 "+units" is the same in probe intervals. "cold"/"reloads" are loads the fake's scheduler logged for a
-request carrying the probes' X-Forwarded-For; "pins lost" are keep_alive -1 runners made finite by
-anyone (on <=0.1.48 the users' own requests do it; probes are off there).
+request carrying the probes' X-Forwarded-For; "pins lost" are keep_alive -1 runners a probe's request
+made finite, "(anyone)" by any request (on <=0.1.48 the users' own requests do it, and on later passes
+users who send other options reload a model an admin pinned); "downgrades" is the exporter's
+ollama_model_keep_alive_downgrades_total; "ps/min" counts every /api/ps read (poller and prober).
 
 Usage: .venv/bin/python benchmarks/soak_probes.py [--interval 2] [--passes 3] [--profile 0.15.5-0.24]
 """
@@ -39,8 +41,9 @@ def main() -> None:
         f = soak.run(profile, PROFILES[profile], interval=args.interval, passes=args.passes)
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(f.skipped.items()) if v)
         print(f.row() + "  " + ", ".join(f"{m} {n}" for m, n in sorted(f.measured.items())), flush=True)
-        print(f"{'':<14} probes/min per model {60 * f.probes / f.seconds / len(soak.MODELS):.2f}; "
-              f"user loads {f.user_loads}; skipped: {skipped or '-'}", flush=True)
+        per = f.probes / len(soak.MODELS) / (args.passes * soak.UNITS)
+        print(f"{'':<14} probes per model per interval {per:.2f}; user loads and reloads {f.user_loads}; "
+              f"skipped: {skipped or '-'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class Figures:
     probe_cold_loads: int = 0  # loads whose request was a probe's (X-Forwarded-For)
     probe_reloads: int = 0
     probe_pins_lost: int = 0  # keep_alive -1 runners a probe's request made finite
-    pins_lost: int = 0  # ... whoever's request did it
+    pins_lost: int = 0  # ... whoever's request did it (users who reload with other options do it too)
     downgrades: int = 0  # ollama_model_keep_alive_downgrades_total, summed
     user_loads: int = 0  # loads and reloads the users' own requests caused
     unload_delays: list = field(default_factory=list)  # seconds after the would-be unload, per idle period
@@ -63,18 +63,19 @@ class Figures:
     def row(self) -> str:
         delay = max(self.unload_delays, default=0.0)
         return (f"{self.profile:<14} {self.version:<8} {self.probes:>6} {self.probe_cold_loads:>5} "
-                f"{self.probe_reloads:>7} {self.pin_restores:>8} {self.pins_lost:>9} {self.downgrades:>10} "
-                f"{delay:>10.2f} {delay / self.interval:>7.2f} {60 * self.ps_reads / self.seconds:>9.0f}")
+                f"{self.probe_reloads:>7} {self.pin_restores:>8} {self.probe_pins_lost:>10} {self.pins_lost:>9} "
+                f"{self.downgrades:>10} {delay:>9.2f} {delay / self.interval:>7.2f} {60 * self.ps_reads / self.seconds:>7.0f}")
 
 
 HEADER = (f"{'profile':<14} {'version':<8} {'probes':>6} {'cold':>5} {'reloads':>7} {'restores':>8} "
-          f"{'pins lost':>9} {'downgrades':>10} {'unload +s':>10} {'+units':>7} {'ps/min':>9}")
+          f"{'pins lost':>10} {'(anyone)':>9} {'downgrades':>10} {'unload +s':>9} {'+units':>7} {'ps/min':>7}")
 
 
 def script(keep_alive: float) -> list[tuple[float, str, str, dict]]:
     """(unit, action, model, fields): gen = a user's /api/generate, embed, stop = `ollama stop`."""
     k = {"keep_alive": keep_alive}
     return [
+        (0.5, "gen", "opts:7b", {"keep_alive": -1, "prompt": ""}),  # pinned with the defaults (again, on a new pass)
         (1.0, "gen", "pinned:8b", {}), (1.3, "gen", "pinned:8b", {}), (1.6, "gen", "pinned:8b", {}),
         (2.0, "gen", "chat:3b", k), (2.3, "gen", "chat:3b", k), (2.6, "gen", "chat:3b", k),
         (3.0, "embed", "embed:small", {}), (3.2, "embed", "embed:small", {}),

@@ -689,3 +689,17 @@ def test_probe_command_takes_the_same_safe_path(fake):
     result = subprocess.run([sys.executable, "-m", "ollama_exporter", "probe", "--ollama.url", fake.url],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "disabled before 0.2.0" in result.stdout
+
+
+def test_a_reloaded_configuration_takes_effect(fake):
+    """The daemon hands a reloaded Config to the running prober: interval, header and pool size follow."""
+    fake.add_model("m:1")
+    fake.load("m:1", keep_alive=-1)
+    poller, prober, clock = make(fake)
+    prober.config = replace(prober.config, probes_interval=5.0, probes_concurrency=3,
+                            probes_forwarded_for="198.51.100.9")
+    assert (prober.interval, prober.jitter_max, prober._workers.size) == (5.0, 0.5, 3)
+    prober.jitter_max = 0.0
+    assert probe_round(poller, prober, clock, advance=2.0) == []  # the longer interval: not due yet
+    [result] = probe_round(poller, prober, clock, advance=5.0)
+    assert result.ok and inference_requests(fake)[-1].headers["X-Forwarded-For"] == "198.51.100.9"
