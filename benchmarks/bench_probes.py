@@ -53,10 +53,10 @@ def main() -> None:
     defaults = Config()
     per_minute = 60 / defaults.probes_interval
     print(f"overhead per probed model at defaults (interval {defaults.probes_interval:g}s, num_predict "
-          f"{defaults.probes_num_predict}): {per_minute:g} requests/min, "
-          f"{per_minute * defaults.probes_num_predict:g} generated tokens/min, "
-          f"~{per_minute * prompt:g} prompt tokens/min (fake's prompt count {prompt}); "
-          f"idle finite-keep_alive models: 0 (skipped)")
+          f"{defaults.probes_num_predict}): at most {per_minute:g} probes/min, each one inference request and "
+          f"at least 2 /api/ps reads (before and after); {per_minute * defaults.probes_num_predict:g} generated "
+          f"tokens/min, ~{per_minute * prompt:g} prompt tokens/min (fake's prompt count {prompt}); "
+          f"idle finite-keep_alive models: 0 (skipped); models in use: fewer (probed after a pause)")
 
 
 if __name__ == "__main__":

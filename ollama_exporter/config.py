@@ -69,9 +69,10 @@ class Config:
     probes_models: tuple[str, ...] = ()
     probes_prompt: str = "Count from one to twenty, separated by spaces."
     probes_num_predict: int = 16
-    probes_concurrency: int = 2
+    probes_concurrency: int = 1
     probes_allow_cold_load: bool = False
     probes_idle_models: str = "skip"
+    probes_forwarded_for: str = "192.0.2.1"  # RFC 5737 TEST-NET-1: never a real client
     multi_target_allow: tuple[str, ...] = ()
     multi_target_modules: tuple[Module, ...] = (DEFAULT_MODULE,)
     multi_target_cache_size: int = 100
@@ -232,6 +233,13 @@ def _parse_text(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key}: invalid value {value!r}: expected a non-empty string")
     return value
+
+
+def _parse_ip(key: str, value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip() if isinstance(value, str) else value))
+    except ValueError:
+        raise ConfigError(f"{key}: invalid value {value!r}: expected an IP address such as 192.0.2.1") from None
 
 
 def _list(key: str, value: Any, what: str) -> list[str]:
@@ -397,13 +405,16 @@ KEYS: tuple[Key, ...] = (
     Key("probes.num_predict", "probes_num_predict", _parse_int(1, 4096),
         "Tokens a probe asks for. Default: 16.", "N"),
     Key("probes.concurrency", "probes_concurrency", _parse_int(1, 16),
-        "Probes of different models running at once. Default: 2.", "N"),
+        "Probes of different models running at once (each can hold a user's only slot). Default: 1.", "N"),
     Key("probes.allow_cold_load", "probes_allow_cold_load", _parse_bool,
         "Probe models listed in probes.models even when not loaded, which loads them. Default: false.",
         is_flag=True),
     Key("probes.idle_models", "probes_idle_models", _parse_choice(("skip", "probe")),
         "skip: probe a model with a finite keep_alive only after real traffic used it; probe: every interval "
         "(keeps idle models loaded). Default: skip.", "skip|probe"),
+    Key("probes.forwarded_for", "probes_forwarded_for", _parse_ip,
+        "X-Forwarded-For every probe request carries, so proxies and traffic accounting can tell probes from "
+        "users. Default: 192.0.2.1 (RFC 5737 TEST-NET-1).", "IP"),
     Key("multi_target.allow", "multi_target_allow", _parse_allow,
         "Targets /probe may scrape: glob patterns matched against the target URL. Empty: /probe refuses all.",
         file_only=True),

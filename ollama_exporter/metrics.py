@@ -82,6 +82,10 @@ DEFS = {d.name: d for d in (
         "(new digest or context_length) between two polls.", (M,)),
     Def("ollama_model_unloads_total", "counter",
         "Model unloads seen by the exporter: a model leaving /api/ps, or replaced there between two polls.", (M,)),
+    Def("ollama_model_keep_alive_downgrades_total", "counter",
+        "Times a pinned model (/api/ps expires_at more than 20 years ahead, keep_alive -1) showed a finite "
+        "expires_at in the next poll without leaving /api/ps: a reload without keep_alive, or a client's "
+        "finite keep_alive, unpinned it.", (M,)),
     # the exporter itself
     Def("ollama_exporter_build_info", "gauge", "Version of ollama-exporter; always 1.", ("version",)),
     Def("ollama_exporter_source_up", "gauge",
@@ -169,6 +173,10 @@ DEFS = {d.name: d for d in (
     Def("ollama_probe_eval_duration_seconds_total", "counter",
         "Generation time of successful probes, from /api/generate `eval_duration`; "
         "rate(eval_tokens)/rate(this) is tokens per second.", (M,)),
+    Def("ollama_probe_queue_wait_seconds", "histogram",
+        "Time a probe waited for a slot of an already loaded model: /api/generate total_duration - "
+        "load_duration - prompt_eval_duration - eval_duration. Long waits mean users were using the model.",
+        (M,)),
     Def("ollama_probe_load_duration_seconds_total", "counter",
         "Time to obtain a runner in successful probes (load and queueing), from /api/generate `load_duration`.",
         (M,)),
@@ -177,12 +185,18 @@ DEFS = {d.name: d for d in (
         "Failed probes by reason, from the /api/generate or /api/embed status, error text or stream.",
         (M, "reason")),
     Def("ollama_probe_skipped_total", "counter",
-        "Probes not sent by reason: not_loaded (not in /api/ps), idle (no traffic since the last probe, per "
-        "/api/ps expires_at), backoff, in_progress, unsupported (no completion or embedding capability).",
-        (M, "reason")),
+        "Probes not sent by reason, at most once per probe interval: not_loaded (not in /api/ps right before "
+        "sending, reloaded by a user, or about to expire), idle (finite keep_alive, no traffic since the last "
+        "probe), active (used within the last interval), backoff (its last probes waited for a slot), "
+        "in_progress, unsupported (no completion or embedding capability), unsupported_version (Ollama before "
+        "0.2.0 resets keep_alive on every request), remote (a cloud model), reload_risk (every num_ctx choice "
+        "reloaded it: not probed again until a user changes it).", (M, "reason")),
     Def("ollama_probe_caused_loads_total", "counter",
-        "Probes that made Ollama load the model (/api/ps context_length or size changed, with load_duration).",
-        (M,)),
+        "Probes that made Ollama load or reload the model: load_duration of 0.1 s or more although /api/ps "
+        "showed it resident right before.", (M,)),
+    Def("ollama_probe_keep_alive_restores_total", "counter",
+        "Pins restored after a probe reloaded a keep_alive -1 model (the new runner got OLLAMA_KEEP_ALIVE): "
+        "one load-only /api/generate (or /api/embed) request with keep_alive -1 and the probe's options.", (M,)),
     Def("ollama_probe_success", "gauge", "1 if the last probe of the model succeeded (/api/generate or /api/embed).",
         (M,)),
     Def("ollama_probe_last_timestamp_seconds", "gauge",
@@ -252,12 +266,13 @@ def _loaded(s: Snapshot) -> Iterable[Family]:
             expiry.add((m.name,), m.expires_at)
         if _opt(m.context_length):
             ctx.add((m.name,), m.context_length)
-    loads, unloads = _families("ollama_model_loads_total", "ollama_model_unloads_total")
-    for name, value in sorted(s.loads_total.items()):
-        loads.add((name,), value)
-    for name, value in sorted(s.unloads_total.items()):
-        unloads.add((name,), value)
-    return size, vram, expiry, ctx, loads, unloads
+    loads, unloads, downgrades = _families("ollama_model_loads_total", "ollama_model_unloads_total",
+                                           "ollama_model_keep_alive_downgrades_total")
+    for family, values in ((loads, s.loads_total), (unloads, s.unloads_total),
+                           (downgrades, s.keep_alive_downgrades_total)):
+        for name, value in sorted(values.items()):
+            family.add((name,), value)
+    return size, vram, expiry, ctx, loads, unloads, downgrades
 
 
 def _exporter(s: Snapshot) -> Iterable[Family]:
@@ -340,11 +355,12 @@ def _gpu(s: Snapshot) -> Iterable[Family]:
 
 def _probes(s: Snapshot) -> Iterable[Family]:
     names = ("ollama_probe_ttft_seconds", "ollama_probe_tpot_seconds", "ollama_probe_duration_seconds",
-             "ollama_probe_prompt_eval_tokens_total", "ollama_probe_prompt_eval_duration_seconds_total",
-             "ollama_probe_eval_tokens_total", "ollama_probe_eval_duration_seconds_total",
+             "ollama_probe_queue_wait_seconds", "ollama_probe_prompt_eval_tokens_total",
+             "ollama_probe_prompt_eval_duration_seconds_total", "ollama_probe_eval_tokens_total",
+             "ollama_probe_eval_duration_seconds_total",
              "ollama_probe_load_duration_seconds_total", "ollama_probes_total", "ollama_probe_failures_total",
-             "ollama_probe_skipped_total", "ollama_probe_caused_loads_total", "ollama_probe_success",
-             "ollama_probe_last_timestamp_seconds")
+             "ollama_probe_skipped_total", "ollama_probe_caused_loads_total",
+             "ollama_probe_keep_alive_restores_total", "ollama_probe_success", "ollama_probe_last_timestamp_seconds")
     f = dict(zip(names, _families(*names)))
     for model, p in sorted(s.probes.items()):
         m = (model,)
@@ -353,6 +369,7 @@ def _probes(s: Snapshot) -> Iterable[Family]:
             if p.kind == "generate":
                 f["ollama_probe_ttft_seconds"].add(m, p.ttft)
                 f["ollama_probe_tpot_seconds"].add(m, p.tpot)
+                f["ollama_probe_queue_wait_seconds"].add(m, p.queue_wait)
                 for name, value in (("prompt_eval_tokens", p.prompt_eval_tokens),
                                     ("prompt_eval_duration_seconds", p.prompt_eval_seconds),
                                     ("eval_tokens", p.eval_tokens), ("eval_duration_seconds", p.eval_seconds),
@@ -360,6 +377,7 @@ def _probes(s: Snapshot) -> Iterable[Family]:
                     f[f"ollama_probe_{name}_total"].add(m, value)
             f["ollama_probes_total"].add(m, p.probes)
             f["ollama_probe_caused_loads_total"].add(m, p.caused_loads)
+            f["ollama_probe_keep_alive_restores_total"].add(m, p.keep_alive_restores)
             for reason, count in p.failures.items():
                 f["ollama_probe_failures_total"].add(m + (reason,), count)
         for reason, count in p.skipped.items():

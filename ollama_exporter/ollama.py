@@ -267,6 +267,11 @@ def _strings(value: Any, limit: int = MAX_CAPABILITIES) -> Optional[tuple[str, .
     return tuple(dict.fromkeys(s for s in (_label(v, 64) for v in value[:limit]) if s))
 
 
+def _remote(row: dict) -> bool:
+    """A cloud or remote model (v0.12+): inference on it is proxied to another server."""
+    return bool(row.get("remote_host") or row.get("remote_model"))
+
+
 def parse_details(value: Any) -> ModelDetails:
     d = value if isinstance(value, dict) else {}
     return ModelDetails(
@@ -293,7 +298,7 @@ def parse_loaded(row: Any) -> LoadedModel:
         expires_at=parse_timestamp(row.get("expires_at")),
         context_length=_int(row.get("context_length"), 0, 1 << 31),
         details=parse_details(row.get("details")),
-        remote=bool(row.get("remote_host") or row.get("remote_model")),
+        remote=_remote(row),
     )
 
 
@@ -305,7 +310,7 @@ def parse_installed(row: Any) -> InstalledModel:
         size=_int(row.get("size")),
         details=parse_details(row.get("details")),
         capabilities=_strings(row.get("capabilities")),
-        remote=bool(row.get("remote_host") or row.get("remote_model")),
+        remote=_remote(row),
     )
 
 
@@ -324,7 +329,7 @@ def parse_show(body: dict) -> ShowInfo:
         capabilities=_strings(body.get("capabilities")),
         weights_blob=blob.group(1) if blob else None,
         details=parse_details(body.get("details")),
-        remote=bool(body.get("remote_host") or body.get("remote_model")),
+        remote=_remote(body),
     )
 
 

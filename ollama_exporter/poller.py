@@ -131,7 +131,8 @@ class Poller:
             self._errors.update({("gpu", r): 0 for r in GPU_ERROR_REASONS})
         self._loads: Counter = Counter()
         self._unloads: Counter = Counter()
-        self._previous_loaded: Optional[dict[str, tuple]] = None
+        self._downgrades: Counter = Counter()
+        self._previous_loaded: Optional[dict[str, LoadedModel]] = None
         self._version: Optional[str] = None
         self._installed: tuple[InstalledModel, ...] = ()
         self.reload_status: Optional[ReloadStatus] = None  # set by the daemon, copied into each snapshot
@@ -198,7 +199,7 @@ class Poller:
         if outcomes["ps"].error is None:
             loaded = tuple(outcomes["ps"].value)
             self._count_dropped("ps", outcomes["ps"].value)
-            self._count_transitions(loaded)
+            self._count_transitions(loaded, now)
 
         self._remember(now, [m.name for m in installed] if outcomes["tags"].error is None else [],
                        [m.name for m in loaded])
@@ -219,6 +220,7 @@ class Poller:
             sources=tuple(self._status[s] for s in SOURCES if s in self._status),
             loads_total=frozen_map(self._loads),
             unloads_total=frozen_map(self._unloads),
+            keep_alive_downgrades_total=frozen_map(self._downgrades),
             errors_total=frozen_map(self._errors),
             dropped_total=frozen_map(self._dropped),
             gpu=gpu,
@@ -295,28 +297,34 @@ class Poller:
         """Note the names seen now; forget those unseen for `forget_after` seconds (counters included)."""
         for name in installed + loaded:
             if name not in self._seen:
-                self._loads[name] += 0  # counters start at 0, so increase() counts the first load too
-                self._unloads[name] += 0
+                for counter in (self._loads, self._unloads, self._downgrades):
+                    counter[name] += 0  # counters start at 0, so increase() counts the first event too
             self._seen[name] = now
         for name in [n for n, seen in self._seen.items() if now - seen > self.forget_after]:
             del self._seen[name]
-            self._loads.pop(name, None)
-            self._unloads.pop(name, None)
+            for counter in (self._loads, self._unloads, self._downgrades):
+                counter.pop(name, None)
             if self._previous_loaded is not None:
                 self._previous_loaded.pop(name, None)
 
-    def _count_transitions(self, loaded: tuple[LoadedModel, ...]) -> None:
-        current = {m.name: m.identity for m in loaded}
+    def _count_transitions(self, loaded: tuple[LoadedModel, ...], now: float) -> None:
+        current = {m.name: m for m in loaded}
         previous = self._previous_loaded
         if previous is not None:
-            for name, identity in current.items():
-                if name not in previous:
+            for name, row in current.items():
+                before = previous.get(name)
+                if before is None:
                     self._loads[name] += 1
                     log.info("model loaded", extra={"model": name})
-                elif previous[name] != identity:  # replaced between polls: a reload
+                    continue
+                if before.identity != row.identity:  # replaced between polls: a reload
                     self._unloads[name] += 1
                     self._loads[name] += 1
                     log.info("model reloaded", extra={"model": name})
+                if before.pinned(now) and not row.pinned(now) and not row.stopping(now):
+                    # a runner that a reload without keep_alive replaced, or a client that set a finite one
+                    self._downgrades[name] += 1
+                    log.warning("pinned model became finite", extra={"model": name, "expires_at": row.expires_at})
             for name in previous.keys() - current.keys():
                 self._unloads[name] += 1
                 log.info("model unloaded", extra={"model": name})

@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 
 # Error reasons each source can report; small fixed sets so the errors counter stays bounded.
 ERROR_REASONS = ("timeout", "connection", "http_4xx", "http_5xx", "invalid_response")
+FOREVER_SECONDS = 20 * 365 * 86400  # an expires_at further ahead than this is keep_alive -1 (about year 2318)
 GPU_ERROR_REASONS = ("library_not_found", "driver_not_loaded", "no_permission", "gpu_lost", "version_mismatch",
                      "timeout", "unknown")
 
@@ -50,7 +51,7 @@ class ShowInfo:
     capabilities: Optional[tuple[str, ...]] = None  # None: the server predates `capabilities`
     weights_blob: Optional[str] = None  # 64-hex sha256 of the weights blob from the modelfile's FROM line
     details: ModelDetails = ModelDetails()
-    remote: bool = False  # a cloud/remote model (remote_host or remote_model): inference leaves this host
+    remote: bool = False  # `remote_host`/`remote_model`: a cloud model, served by another server
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,11 @@ class InstalledModel:
     details: ModelDetails
     capabilities: Optional[tuple[str, ...]] = None  # from /api/tags (v0.30+); /api/show wins if present
     show: Optional[ShowInfo] = None
-    remote: bool = False  # a cloud/remote model (remote_host or remote_model in /api/tags)
+    remote: bool = False  # `remote_host`/`remote_model` (v0.12+): a cloud model, served by another server
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote or (self.show is not None and self.show.remote)
 
     @property
     def merged_details(self) -> ModelDetails:
@@ -87,12 +92,20 @@ class LoadedModel:
     expires_at: Optional[float]  # unix seconds; keep_alive -1 gives a year-2318 value
     context_length: Optional[int]  # allocated per-slot context; None before v0.10.0
     details: ModelDetails
-    remote: bool = False  # a cloud/remote model (remote_host or remote_model in /api/ps)
+    remote: bool = False  # `remote_host`/`remote_model`: never seen in ps so far, refused if it ever is
 
     @property
     def identity(self) -> tuple[str, Optional[int]]:
         """What changes when the runner is replaced: a new manifest, or a reload with another num_ctx."""
         return (self.digest, self.context_length)
+
+    def pinned(self, now: float) -> bool:
+        """keep_alive -1 (or another "forever"): expires_at about 292 years ahead."""
+        return self.expires_at is not None and self.expires_at - now > FOREVER_SECONDS
+
+    def stopping(self, now: float) -> bool:
+        """expires_at has passed while it is still listed: a request holds it, or it is being unloaded."""
+        return self.expires_at is not None and self.expires_at <= now
 
 
 @dataclass(frozen=True)
@@ -207,6 +220,7 @@ class Snapshot:
     sources: tuple[SourceStatus, ...]
     loads_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     unloads_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
+    keep_alive_downgrades_total: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     errors_total: Mapping[tuple[str, str], int] = field(default_factory=lambda: frozen_map({}))
     dropped_total: Mapping[tuple[str, str], int] = field(default_factory=lambda: frozen_map({}))  # (source, reason)
     gpu: Optional[GpuState] = None  # None: GPU source disabled

@@ -111,6 +111,8 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         ("- a\n- b\n", [], "config file {path}: expected a mapping"),
         ("", ["--ollama.timeout", "fast"], "ollama.timeout: invalid duration 'fast'"),
         ("", ["--web.listen-address", "::1:9"], "web.listen_address: IPv6 addresses must be bracketed"),
+        ("", ["--probes.forwarded-for", "probes.local"],
+         "probes.forwarded_for: invalid value 'probes.local': expected an IP address"),
     ],
 )
 def test_bad_config_exits_2_with_one_clear_line(tmp_path, file_text, flag_args, message):

@@ -349,6 +349,7 @@ def test_embed(fake: FakeOllama) -> None:
     assert keys(body) == ["model", "embeddings", "total_duration", "load_duration", "prompt_eval_count"]
     assert len(body["embeddings"]) == 2 and all(isinstance(x, float) for x in body["embeddings"][0])
     assert body["load_duration"] >= 0.055e9 and fake.loads["llama3.1:8b"] == 1
+    fake.wait_settled()
     remaining = (expires_dt(fake, "llama3.1:8b") - datetime.now().astimezone()).total_seconds()
     assert 50 < remaining <= 60
 
@@ -397,8 +398,10 @@ def test_keep_alive_forever_survives_requests_without_keep_alive(fake: FakeOllam
     year = expires_year(fake, "llama3.1:8b")
     assert year >= 2318
     post(fake, "/api/generate", {"model": "llama3.1:8b", "prompt": "x"})
+    fake.wait_settled()
     assert expires_year(fake, "llama3.1:8b") == year
     post(fake, "/api/generate", {"model": "llama3.1:8b", "prompt": "x", "keep_alive": "5m"})  # overwrite
+    fake.wait_settled()
     remaining = (expires_dt(fake, "llama3.1:8b") - datetime.now().astimezone()).total_seconds()
     assert 290 < remaining <= 300
 
@@ -408,6 +411,7 @@ def test_omitted_keep_alive_restarts_idle_timer_with_stored_duration(fake: FakeO
     before = expires_dt(fake, "llama3.1:8b")
     time.sleep(0.3)
     post(fake, "/api/generate", {"model": "llama3.1:8b", "prompt": "x"})
+    fake.wait_settled()
     after = expires_dt(fake, "llama3.1:8b")
     remaining = (after - datetime.now().astimezone()).total_seconds()
     assert after > before and 1.8 < remaining <= 2.0  # finish time + stored 2 s, not the 300 s default
@@ -435,6 +439,8 @@ def test_model_does_not_expire_while_request_in_flight(fake: FakeOllama) -> None
 
 
 def test_num_ctx_change_reloads(fake: FakeOllama) -> None:
+    """On every version a request whose num_ctx differs from the runner's reloads it; the same does not.
+    (Version by version: tests/test_fake_ollama_versions.py.)"""
     post(fake, "/api/generate", {"model": "llama3.1:8b"})
     assert ps(fake)[0]["context_length"] == 4096 and fake.reloads["llama3.1:8b"] == 0
     body = post(fake, "/api/generate", {"model": "llama3.1:8b", "prompt": "x", "options": {"num_ctx": 8192},
@@ -443,12 +449,11 @@ def test_num_ctx_change_reloads(fake: FakeOllama) -> None:
     assert body["load_duration"] >= 0.055e9
     post(fake, "/api/generate", {"model": "llama3.1:8b", "prompt": "x", "options": {"num_ctx": 8192}})
     assert fake.reloads["llama3.1:8b"] == 1  # same num_ctx: no reload
-    post(fake, "/api/generate", {"model": "llama3.1:8b", "prompt": "x"})  # a probe without num_ctx
+    post(fake, "/api/generate", {"model": "llama3.1:8b", "prompt": "x"})  # without num_ctx: the default, 4096
     assert fake.reloads["llama3.1:8b"] == 2 and ps(fake)[0]["context_length"] == 4096
     assert fake.loads["llama3.1:8b"] == 3
-    fake.default_num_ctx = 2048
-    post(fake, "/api/generate", {"model": "llama3.1:8b"})
-    assert fake.reloads["llama3.1:8b"] == 3 and ps(fake)[0]["context_length"] == 2048
+    assert [(e.kind, e.cause) for e in fake.events] == [
+        ("load", "cold"), ("reload", "num_ctx 8192 != 4096"), ("reload", "num_ctx 4096 != 8192")]
 
 
 @pytest.mark.parametrize("value,ns", [(None, None), (0, 0), (1.5, 1_500_000_000), (-1, FOREVER_NS), ("5m", 300 * 10**9),

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from ollama_exporter.ollama import OllamaClient, OllamaError, parse_timestamp
+from ollama_exporter.ollama import OllamaClient, OllamaError, parse_installed, parse_loaded, parse_show, parse_timestamp
 from tests.conftest import FIXTURES, fixture_files
 from tests.fakes.hostile import ScriptedServer
 
@@ -186,3 +186,22 @@ def test_basic_auth_from_the_url_is_sent_and_never_shown(up):
         OllamaClient(url, 2).version()
     assert up.requests[0].headers["authorization"] == "Basic YWRtaW46aHVudGVyMg=="
     assert "hunter2" not in str(err.value)
+
+
+def test_remote_models_are_recognised_in_every_answer():
+    """Cloud models (v0.12+) carry remote_model/remote_host; a probe of one would go to another server."""
+    remote = {"name": "gpt-oss:120b-cloud", "remote_model": "gpt-oss:120b", "remote_host": "https://ollama.com:443"}
+    assert parse_loaded(remote).remote and parse_installed(remote).remote
+    assert parse_show({"remote_host": "https://ollama.com:443"}).remote
+    assert not parse_loaded({"name": "qwen3:8b"}).remote and not parse_show({}).remote
+
+
+def test_extra_headers_go_with_inference_requests(up):
+    up.reply("POST", "/api/embed", body=b'{"embeddings": []}')
+    up.reply("POST", "/api/generate", body=b'{"done":true}\n', content_type="application/x-ndjson")
+    c = client(up)
+    c.embed({"model": "m"}, 2.0, {"X-Forwarded-For": "192.0.2.1"})
+    list(c.stream("/api/generate", {"model": "m"}, 2.0, {"X-Forwarded-For": "192.0.2.1"}))
+    c.post("/api/generate", {"model": "m"}, 2.0, {"X-Forwarded-For": "192.0.2.1"})
+    assert [r.headers["x-forwarded-for"] for r in up.requests] == ["192.0.2.1"] * 3
+    assert "X-Forwarded-For" not in c.http.headers

@@ -9,15 +9,24 @@ tests/fixtures/ollama/:
   allowed``; no ``/metrics`` or ``/api/stats`` (Ollama has none).
 * ``/``, ``/api/version``, ``/api/tags``, ``/api/ps``, ``/api/show``: Go struct key order, Go
   timestamps (server-local offset, RFC 3339 nanoseconds) and Go's HTML-escaping JSON encoder.
-* ``/api/generate``, ``/api/chat``, ``/api/embed`` through a small scheduler: loads (absent from ps
-  until loaded), keep_alive (kept when omitted and the idle timer restarted when the last request
-  ends, overwritten when given, negative = now + MaxInt64 ns), num_ctx reloads, load/unload by
-  empty prompt, lazy expiry, NDJSON streams whose final line alone carries the metrics (ns).
+* ``/api/generate``, ``/api/chat``, ``/api/embed`` through a scheduler that behaves like the
+  version ``/api/version`` reports (see `Behaviour`; `PROFILES` names one version per range):
+  loads (absent from ps until loaded, one at a time), needsReload on the stored load-time options,
+  keep_alive (kept when omitted on v0.2.0+, reset on v0.1.48 and older, OLLAMA_KEEP_ALIVE on every
+  load and reload), the idle timer restarted only **after the response has ended** (as
+  processCompleted does), a FIFO slot queue per runner (one slot: a request waits for the one in
+  flight), eviction and ``ollama stop`` at any moment, load/unload by empty prompt, NDJSON streams
+  whose final line alone carries the metrics (ns).
+* Every load, reload, unload and keep_alive change is an `Event` naming its cause and the causing
+  request's ``X-Forwarded-For``, so tests can count what probes did.
 * Faults (delay, hang, status, garbage, reset, truncate; busy, oom, context_length, stream_error,
-  truncate_stream, not_found) and a listening socket that can be closed and re-opened on one port.
+  truncate_stream, not_found, final_fields, raw_final) and a listening socket that can be closed and
+  re-opened on one port.
 
 Not emulated: the Host-header check, CORS preflights, trailing-slash redirects, and the other
-known routes (pull, push, delete, /v1/...), which answer 501 JSON so their 404/405 stay gin-like.
+known routes (pull, push, delete, /v1/...), which answer 501 JSON so their 404/405 stay gin-like;
+per-slot prompt caches (a probe's cache eviction is documented, not measured); GPU memory (only
+`max_loaded_models` evicts); the MLX runner; vision models' minimum context.
 """
 from __future__ import annotations
 
@@ -30,8 +39,8 @@ import socketserver
 import struct
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,7 +65,8 @@ ROUTES = {path: tuple(line.split(":")[0].split()) for line in _ROUTE_TABLE.split
           for path in line.split(": ")[1].split()}
 PARAM_ROUTES = {"/api/blobs/": ("POST", "HEAD"), "/api/user/keys/": ("DELETE",), "/v1/models/": ("GET",)}
 INFERENCE_PATHS = ("/api/generate", "/api/chat", "/api/embed")
-GENERATION_FAULTS = {"busy", "oom", "context_length", "stream_error", "truncate_stream", "not_found"}
+GENERATION_FAULTS = {"busy", "oom", "context_length", "stream_error", "truncate_stream", "not_found", "final_fields",
+                     "raw_final"}
 GENERIC_FAULTS = {"delay", "hang", "status", "garbage", "reset", "truncate"}
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
               "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
@@ -125,6 +135,84 @@ def parse_keep_alive(value: Any) -> int | None:
     return FOREVER_NS if ns < 0 else ns
 
 
+# ----------------------------------------------------------------------------- versions
+NEWEST = (0, 33, 0)
+# One version per range in which what a probe can do to a runner differs (see Behaviour).
+PROFILES = {
+    "<=0.1.48": "0.1.48",       # keep_alive reset by every request without one; no context_length in ps
+    "0.2-0.9": "0.9.6",         # keep_alive kept; still no context_length; 4 slots (auto parallel)
+    "0.10-0.11.4": "0.11.4",    # context_length = the stored num_ctx; every request through the scheduler queue
+    "0.11.5-0.15.4": "0.15.4",  # resident runners skip the scheduler queue
+    "0.15.5-0.24": "0.24.0",    # ps shows the clamped num_ctx, needsReload compares the unclamped one
+    ">=0.30": "0.32.15",        # clamp and auto == auto in needsReload; embeddings compare num_batch; contextShift
+}
+RUNNER_OPTIONS = ("num_gpu", "main_gpu", "use_mmap", "num_thread", "draft_num_predict")  # besides num_ctx/num_batch
+
+
+def version_tuple(text: str) -> tuple[int, int, int]:
+    """``0.24.0``, ``v0.33.0-rc2``, ``0.32.15-12-gabc1234`` -> (major, minor, patch); source builds
+    (``0.0.0``) and anything unreadable behave like the newest version."""
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", text or "")
+    v = (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (0, 0, 0)
+    return NEWEST if v == (0, 0, 0) else v
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What Ollama's scheduler does at one version, as far as an inference request's side effects go.
+
+    Read from server/sched.go, server/routes.go, llm/server.go and envconfig at the tags named."""
+
+    version: tuple[int, int, int]
+
+    @property
+    def keep_alive_reset(self) -> bool:
+        """<= v0.1.48: a request without keep_alive sets the runner to OLLAMA_KEEP_ALIVE (commit 955f2a4e0)."""
+        return self.version < (0, 2, 0)
+
+    @property
+    def unload_loads_first(self) -> bool:
+        """< v0.3.11: keep_alive 0 with an empty prompt loads the model, then unloads it."""
+        return self.version < (0, 3, 11)
+
+    @property
+    def pending_queue(self) -> bool:
+        """<= v0.11.4: every request goes through pendingReqCh, handled one at a time (so a request for a
+        resident model waits behind another model's load); since v0.11.5 only loads and reloads do."""
+        return self.version < (0, 11, 5)
+
+    @property
+    def ps_context(self) -> str:
+        """What /api/ps `context_length` shows: none (< v0.10), the configured num_ctx (< v0.15.5), or the
+        num_ctx clamped to the training context (v0.15.5+, commit d11fbd2c6)."""
+        return "none" if self.version < (0, 10, 0) else "configured" if self.version < (0, 15, 5) else "clamped"
+
+    @property
+    def v030_rules(self) -> bool:
+        """v0.30+ (commit 9db4bdbad): the runner stores the clamped num_ctx; needsReload clamps the request,
+        treats automatic == automatic, compares num_batch unless both automatic (embeddings: min(2048,
+        num_ctx), never automatic) and the contextShift setting."""
+        return self.version >= (0, 30, 0)
+
+    @property
+    def num_parallel(self) -> int:
+        """OLLAMA_NUM_PARALLEL's default: auto (4 slots when they fit) before v0.10, 1 since."""
+        return 4 if self.version < (0, 10, 0) else 1
+
+    @property
+    def size_vram(self) -> bool:
+        return self.version >= (0, 1, 42)
+
+    def default_num_ctx(self, vram_gib: float) -> int:
+        """num_ctx when neither the request, the Modelfile nor OLLAMA_CONTEXT_LENGTH sets one: 2048, 4096 from
+        v0.6.7, and from v0.15.5 a tier of the total VRAM (262144 at >= 47 GiB, 32768 at >= 23 GiB, else 4096)."""
+        if self.version < (0, 6, 7):
+            return 2048
+        if self.version < (0, 15, 5):
+            return 4096
+        return 262144 if vram_gib >= 47 else 32768 if vram_gib >= 23 else 4096
+
+
 # ----------------------------------------------------------------------------- state records
 class _HTTPError(Exception):
     """Answer ``{"error": message}`` with ``status``."""
@@ -182,6 +270,13 @@ class _Model:
     tags_shape: str
     modified_ns: int
     show_raw: bytes | None = None  # a real /api/show body served verbatim
+    num_ctx: int = 0  # a Modelfile `PARAMETER num_ctx` (0: none)
+    kv_bytes_per_token: int = 0  # KV cache per token and slot, added to a runner's size (0: size = file size)
+
+    @property
+    def embedding_only(self) -> bool:
+        return self.capabilities is not None and "embedding" in self.capabilities \
+            and "completion" not in self.capabilities
 
     def details(self, extra: bool = False, parent: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {"parent_model": ""} if parent else {}
@@ -195,16 +290,88 @@ class _Model:
         return d
 
 
+@dataclass(frozen=True)
+class _Opts:
+    """The load-time options needsReload compares: api.Runner's fields plus contextShift."""
+
+    num_ctx: int
+    num_ctx_auto: bool  # no num_ctx from the request, the Modelfile or OLLAMA_CONTEXT_LENGTH
+    num_batch: int
+    num_batch_auto: bool
+    shift: bool
+    other: tuple[tuple[str, Any], ...] = ()  # RUNNER_OPTIONS the request set (num_gpu only when >= 0)
+
+
+class _Fifo:
+    """A counting semaphore that serves waiters in arrival order (Go's semaphore.Weighted, weight 1).
+
+    Runners use one with num_parallel slots; the scheduler uses one with a single slot."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._busy = 0
+        self._queue: deque[object] = deque()
+        self._cond = threading.Condition()
+
+    def acquire(self, stop: threading.Event) -> None:
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            while self._queue[0] is not ticket or self._busy >= self.slots:
+                if stop.is_set():
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()
+                    raise _Abort("close")
+                self._cond.wait(0.05)
+            self._queue.popleft()
+            self._busy += 1
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+
 @dataclass
 class _Runner:
     name: str
     size: int
     size_vram: int
-    context_length: int
-    keep_alive_ns: int
+    context_length: int  # what /api/ps shows
+    keep_alive_ns: int  # the runner's sessionDuration; 0 while it is being stopped or evicted
     expires_ns: int | None  # None while the first request after a load runs (ps: now + keep_alive)
     refs: int = 0
     shape: str = "new"
+    opts: _Opts | None = None
+    slots: _Fifo = field(default_factory=lambda: _Fifo(1))
+    ending: str = ""  # "stopped" or "evicted" once that has begun: the unload's cause
+
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One scheduler event, for tests to count: who caused which load, reload, unload or keep_alive change."""
+
+    time: float  # unix seconds
+    kind: str  # "load" (cold), "reload", "unload", "keep_alive"
+    model: str
+    cause: str  # reload: what needsReload found different; unload: expired, stopped, evicted, oom, test;
+    #             keep_alive: request (the request's own keep_alive) or reset (<= v0.1.48 default)
+    client: str  # X-Forwarded-For of the causing request ("" without one; "test" for direct calls)
+    keep_alive: float | None = None  # seconds after the event (INF = forever); None for an unload
+    previous: float | None = None  # seconds before it (reload, keep_alive, unload)
+
+    @property
+    def unpinned(self) -> bool:
+        """A forever (keep_alive < 0) runner became a finite one, in place or by a reload."""
+        return self.kind in ("reload", "keep_alive") and self.previous == INF and self.keep_alive != INF
+
+
+def _seconds(ns: int) -> float:
+    return INF if ns >= FOREVER_NS else ns / 1e9
 
 
 # ----------------------------------------------------------------------------- HTTP plumbing
@@ -326,22 +493,27 @@ class FakeOllama:
 
     def __init__(self, version: str = "0.32.15", host: str = "127.0.0.1", port: int = 0,
                  tz_offset_minutes: int = 330) -> None:
-        self.version = version
+        self.version = version  # /api/version, and which version's scheduler this fake behaves like
         self.host = host
         self._port = port
         self.tz_offset_minutes = tz_offset_minutes
+        # the server's environment and machine
         self.default_keep_alive: float = 300.0  # seconds (OLLAMA_KEEP_ALIVE); negative = forever
-        self.default_num_ctx: int = 4096
-        self.default_ps_shape: str = "new"
-        # ps context_length = runner context x this; < 1 emulates a server whose ps reports a per-slot figure
-        # that differs from the num_ctx the runner was loaded with (probes sending it would force a reload)
-        self.ps_context_scale: float = 1.0
+        self.env_context_length: int = 0  # OLLAMA_CONTEXT_LENGTH (0: unset)
+        self.num_parallel: int = 0  # OLLAMA_NUM_PARALLEL (0: the version's default)
+        self.max_loaded_models: int = 0  # OLLAMA_MAX_LOADED_MODELS (0: no limit in this fake)
+        self.vram_gib: float = 16.0  # total VRAM, which picks the default num_ctx from v0.15.5
+        # how long after a response has ended processCompleted restarts the idle timer (Go: microseconds)
+        self.expiry_lag: float = 0.0
         self.loads: Counter[str] = Counter()    # scheduler loads, reloads included
-        self.reloads: Counter[str] = Counter()  # reloads forced by a num_ctx change
+        self.reloads: Counter[str] = Counter()  # reloads forced by needsReload
         self._lock = threading.Lock()
+        self._sched = _Fifo(1)  # the scheduler's pending queue: one load (or, <= v0.11.4, one request) at a time
         self._models: dict[str, _Model] = {}
         self._runners: dict[str, _Runner] = {}
-        self._loading: dict[str, threading.Event] = {}
+        self._loading: set[str] = set()
+        self._pending_releases = 0
+        self._events: list[Event] = []
         self._faults: dict[tuple[str, str | None], _Fault] = {}
         self._timings: dict[str | None, Timing] = {None: Timing()}
         self._requests: list[RecordedRequest] = []
@@ -349,6 +521,10 @@ class FakeOllama:
         self._unhang = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return Behaviour(version_tuple(self.version))
 
     # -- lifecycle
     @property
@@ -408,13 +584,14 @@ class FakeOllama:
                   size: int = 4_920_000_000, context_length: int = 131072, embedding_length: int = 4096,
                   parameter_count: int = 8_030_261_248, capabilities: list[str] | None = _DEFAULT,
                   digest: str | None = None, blob_digest: str | None = None, tags_shape: str = "v0.30",
-                  modified_at: float | None = None) -> dict[str, Any]:
+                  modified_at: float | None = None, num_ctx: int = 0, kv_bytes_per_token: int = 0) -> dict[str, Any]:
         """Install a model and return its /api/tags row.
 
         families defaults to [family] (None serialises as null); capabilities defaults to
         ["completion"] (None: /api/show has no ``capabilities`` key, like servers before v0.6.4).
         digest/blob_digest: 64 hex, derived from the name when None. tags_shape: "v0.30", "old"
-        or "pre_model_key". modified_at: epoch seconds (default now)."""
+        or "pre_model_key". modified_at: epoch seconds (default now). num_ctx: a Modelfile PARAMETER.
+        kv_bytes_per_token: KV cache per token and slot, so a runner's size follows its num_ctx."""
         if tags_shape not in ("v0.30", "old", "pre_model_key"):
             raise ValueError(f"unknown tags_shape {tags_shape!r}")
         name = normalize_name(name)
@@ -425,7 +602,8 @@ class FakeOllama:
             capabilities=["completion"] if capabilities is _DEFAULT else capabilities,
             digest=digest or hashlib.sha256(f"manifest:{name}".encode()).hexdigest(),
             blob_digest=blob_digest or hashlib.sha256(f"blob:{name}".encode()).hexdigest(),
-            tags_shape=tags_shape, modified_ns=int(modified_at * 10**9) if modified_at is not None else now_ns())
+            tags_shape=tags_shape, modified_ns=int(modified_at * 10**9) if modified_at is not None else now_ns(),
+            num_ctx=num_ctx, kv_bytes_per_token=kv_bytes_per_token)
         with self._lock:
             self._models[name] = model
             return self._tags_row(model)
@@ -453,35 +631,68 @@ class FakeOllama:
         name = normalize_name(name)
         with self._lock:
             self._models.pop(name, None)
-            self._runners.pop(name, None)
+            if self._runners.pop(name, None) is not None:
+                self._event("unload", name, "test", "test")
 
     # -- loaded models
     def load(self, name: str, *, size: int | None = None, size_vram: int | None = None, context_length: int = 4096,
-             keep_alive: float = 300.0, ps_shape: str = "new") -> None:
-        """Put ``name`` in /api/ps at once (not counted in ``loads``). keep_alive: seconds, negative = forever.
+             keep_alive: float = 300.0, ps_shape: str | None = None, auto_context: bool = False,
+             options: dict[str, Any] | None = None, shift: bool | None = None) -> None:
+        """Put ``name`` in /api/ps at once, idle, as if a request had loaded it (no event, not in ``loads``).
 
-        ps_shape: "new" (v0.10+), "no_ctx" (v0.1.42-v0.9: no context_length), "old" (v0.1.38: no
-        size_vram either)."""
+        The runner is loaded with ``options.num_ctx`` = context_length, or with no num_ctx at all when
+        ``auto_context`` (the server's default applies); other load-time ``options`` and ``shift`` as a
+        client would send them. keep_alive: seconds, negative = forever. ps_shape: "new" (v0.10+), "no_ctx"
+        (v0.1.42-v0.9: no context_length), "old" (v0.1.38: no size_vram either); default: the version's."""
         name = normalize_name(name)
-        if ps_shape not in ("new", "no_ctx", "old"):
+        if ps_shape not in (None, "new", "no_ctx", "old"):
             raise ValueError(f"unknown ps_shape {ps_shape!r}")
+        opts = dict(options or {})
+        if not auto_context:
+            opts.setdefault("num_ctx", context_length)
         with self._lock:
             model = self._models.get(name)
             if model is None:
                 raise ValueError(f"model {name!r} is not installed")
-            size = model.size if size is None else size
             ka = FOREVER_NS if keep_alive < 0 else int(keep_alive * 10**9)
-            self._runners[name] = _Runner(name, size, size if size_vram is None else size_vram, context_length,
-                                          ka, now_ns(ka), shape=ps_shape)
+            r = self._new_runner(model, self._request_opts(model, opts, model.embedding_only, shift), ka)
+            r.expires_ns = now_ns(ka)
+            if size is not None:
+                r.size = r.size_vram = size
+            if size_vram is not None:
+                r.size_vram = size_vram
+            r.shape = ps_shape or r.shape
+            self._runners[name] = r
 
     def unload(self, name: str) -> None:
+        """Take ``name`` out of /api/ps at once, whatever it is doing."""
         with self._lock:
-            self._runners.pop(normalize_name(name), None)
+            if self._runners.pop(normalize_name(name), None) is not None:
+                self._event("unload", normalize_name(name), "test", "test")
+
+    def evict(self, name: str) -> None:
+        """Evict ``name`` as the scheduler does for memory: its duration becomes 0 (ps keeps showing the old
+        expires_at) and it unloads as soon as no request is using it."""
+        name = normalize_name(name)
+        with self._lock:
+            r = self._runners.get(name)
+            if r is not None:
+                r.keep_alive_ns, r.ending = 0, "evicted"
+                if r.refs == 0:
+                    del self._runners[name]
+                    self._event("unload", name, "evicted", "test")
 
     def loaded(self) -> list[str]:
         with self._lock:
             self._reap()
             return list(self._runners)
+
+    def runner_keep_alive(self, name: str) -> float | None:
+        """The runner's duration in seconds (INF: forever), None if not loaded."""
+        with self._lock:
+            self._reap()
+            r = self._runners.get(normalize_name(name))
+            return None if r is None else _seconds(r.keep_alive_ns)
 
     # -- timing and faults
     def set_timing(self, model: str | None = None, ttft: float = 0.2, token_gap: float = 0.02, tokens: int = 16,
@@ -523,13 +734,41 @@ class FakeOllama:
         with self._lock:
             self._requests.clear()
 
+    @property
+    def events(self) -> list[Event]:
+        with self._lock:
+            self._reap()
+            return list(self._events)
+
+    def caused_by(self, client: str, kind: str | None = None) -> list[Event]:
+        """Events caused by requests with this X-Forwarded-For (of one kind)."""
+        return [e for e in self.events if e.client == client and (kind is None or e.kind == kind)]
+
+    def wait_settled(self, timeout: float = 2.0) -> None:
+        """Wait until no request holds a runner and every idle timer has been restarted (Ollama does that
+        just after a response ends, so a client that reads /api/ps at once may still see the old value)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending_releases and not self._loading and all(r.refs == 0 for r in self._runners.values()):
+                    return
+            time.sleep(0.005)
+        raise TimeoutError("the fake Ollama still has requests in flight")
+
     # ------------------------------------------------------------------------- internals (lock held)
     def _reap(self) -> None:
-        """The scheduler's idle timer, emulated lazily: expired idle runners disappear."""
+        """The scheduler's idle timer, emulated lazily: expired idle runners disappear (logged at their expiry)."""
         now = now_ns()
         for name, r in list(self._runners.items()):
             if r.refs == 0 and r.expires_ns is not None and r.expires_ns <= now:
                 del self._runners[name]
+                self._event("unload", name, r.ending or "expired", "", at=r.expires_ns / 1e9)
+
+    def _event(self, kind: str, model: str, cause: str, client: str, keep_alive: int | None = None,
+               previous: int | None = None, at: float | None = None) -> None:
+        self._events.append(Event(time.time() if at is None else at, kind, model, cause, client,
+                                  None if keep_alive is None else _seconds(keep_alive),
+                                  None if previous is None else _seconds(previous)))
 
     def _expiry(self, r: _Runner) -> int:
         return now_ns(r.keep_alive_ns) if r.expires_ns is None else r.expires_ns
@@ -567,7 +806,7 @@ class FakeOllama:
         if r.shape in ("new", "no_ctx"):
             row["size_vram"] = r.size_vram
         if r.shape == "new":
-            row["context_length"] = int(r.context_length * self.ps_context_scale)
+            row["context_length"] = r.context_length
         return row
 
     def _show_body(self, m: _Model) -> dict[str, Any]:
@@ -716,51 +955,177 @@ class FakeOllama:
             body = self._show_body(m)
         h.send_json(body)
 
-    # -- the scheduler
-    def _acquire(self, name: str, model: _Model, keep_alive: int | None, num_ctx: int) -> _Runner:
-        """Get a runner for ``name`` with one reference taken, loading or reloading as needed."""
-        want_ctx = min(num_ctx, model.context_length) if model.context_length else num_ctx
-        while True:
+    # -- the scheduler (server/sched.go)
+    def _default_keep_alive_ns(self) -> int:
+        return FOREVER_NS if self.default_keep_alive < 0 else int(self.default_keep_alive * 10**9)
+
+    def _request_opts(self, model: _Model, options: dict[str, Any], embed: bool, shift: Any) -> _Opts:
+        """The load-time options a request resolves to: its own, else the Modelfile's, else the server's."""
+        b = self.behaviour
+        given = options.get("num_ctx")
+        explicit = given if isinstance(given, int) and given > 0 else (model.num_ctx or self.env_context_length)
+        num_ctx = max(explicit or b.default_num_ctx(self.vram_gib), 4)
+        if isinstance(options.get("num_batch"), int):
+            batch, batch_auto = options["num_batch"], False
+        elif embed and b.v030_rules:  # llm.WithDefaultEmbeddingNumBatch, from the unclamped num_ctx
+            batch, batch_auto = min(2048, num_ctx), False
+        else:
+            batch, batch_auto = 512, True
+        other = tuple(sorted((k, options[k]) for k in RUNNER_OPTIONS if k in options
+                             and not (k == "num_gpu" and isinstance(options[k], int) and options[k] < 0)))
+        return _Opts(num_ctx, not explicit, batch, batch_auto, shift is not False, other)
+
+    def _needs_reload(self, r: _Runner, want: _Opts, model: _Model) -> str:
+        """needsReload: what differs between the runner's stored options and the request's ("" = nothing)."""
+        have = r.opts or want
+        if self.behaviour.v030_rules:
+            ctx = min(want.num_ctx, model.context_length) if model.context_length else want.num_ctx
+            if have.num_ctx_auto and want.num_ctx_auto:
+                ctx = have.num_ctx
+            if ctx != have.num_ctx:
+                return f"num_ctx {ctx} != {have.num_ctx}"
+            if not (have.num_batch_auto and want.num_batch_auto) and want.num_batch != have.num_batch:
+                return f"num_batch {want.num_batch} != {have.num_batch}"
+            if want.shift != have.shift:
+                return "shift"
+        else:  # the stored num_ctx is the configured, unclamped one, compared as it is
+            if want.num_ctx != have.num_ctx:
+                return f"num_ctx {want.num_ctx} != {have.num_ctx}"
+            if want.num_batch != have.num_batch:
+                return f"num_batch {want.num_batch} != {have.num_batch}"
+        if want.other != have.other:
+            return f"options {dict(want.other)} != {dict(have.other)}"
+        return ""
+
+    def _new_runner(self, model: _Model, want: _Opts, keep_alive_ns: int) -> _Runner:
+        b = self.behaviour
+        clamped = min(want.num_ctx, model.context_length) if model.context_length else want.num_ctx
+        stored = clamped if b.v030_rules else want.num_ctx
+        shown = {"none": 0, "configured": stored, "clamped": clamped}[b.ps_context]
+        parallel = 1 if model.embedding_only else (self.num_parallel or b.num_parallel)
+        allocated = clamped if b.ps_context == "clamped" else want.num_ctx
+        size = model.size + model.kv_bytes_per_token * allocated * parallel
+        shape = "new" if b.ps_context != "none" else "no_ctx" if b.size_vram else "old"
+        return _Runner(model.name, size, size, shown, keep_alive_ns, None, shape=shape,
+                       opts=replace(want, num_ctx=stored), slots=_Fifo(parallel))
+
+    def _use(self, r: _Runner, keep_alive: int | None, client: str) -> None:
+        """useLoadedRunner: take a reference (the idle timer stops, ps keeps the old expires_at) and apply the
+        request's keep_alive; without one, v0.2.0+ keeps the runner's duration and v0.1.48 resets it."""
+        r.refs += 1
+        if keep_alive is not None:
+            new, cause = keep_alive, "request"
+        elif self.behaviour.keep_alive_reset:
+            new, cause = self._default_keep_alive_ns(), "reset"
+        else:
+            return
+        if new != r.keep_alive_ns:
+            self._event("keep_alive", r.name, cause, client, new, r.keep_alive_ns)
+        r.keep_alive_ns = new
+        if new and r.ending in ("stopped", "evicted"):
+            r.ending = ""  # a keep_alive revives a runner that was being stopped
+
+    def _reusable(self, name: str, model: _Model, want: _Opts) -> _Runner | None:
+        self._reap()
+        r = self._runners.get(name)
+        if r is None or name in self._loading or r.ending == "replaced" or self._needs_reload(r, want, model):
+            return None
+        return r
+
+    def _acquire(self, name: str, model: _Model, keep_alive: int | None, want: _Opts, client: str) -> _Runner:
+        """getRunner: a runner for ``name`` with one reference taken, reused, reloaded or loaded."""
+        if not self.behaviour.pending_queue:  # v0.11.5+: a resident runner that fits skips the queue
             with self._lock:
-                self._reap()
-                busy = self._loading.get(name)
-                if busy is None:
-                    r = self._runners.get(name)
-                    if r is not None and r.context_length == want_ctx:
-                        r.refs += 1
-                        if keep_alive is not None:
-                            r.keep_alive_ns = keep_alive
-                        return r
-                    if r is not None:
-                        self.reloads[name] += 1
-                        del self._runners[name]
-                    loading = self._loading[name] = threading.Event()
-                    load_time = self._timing_for(name).load_time
-                    break
-            busy.wait(timeout=0.05)
-            if self._stop.is_set():
-                raise _Abort("close")
+                r = self._reusable(name, model, want)
+                if r is not None:
+                    self._use(r, keep_alive, client)
+                    return r
+        self._sched.acquire(self._stop)  # processPending: one request (<= v0.11.4) or one load at a time
         try:
+            return self._schedule(name, model, keep_alive, want, client)
+        finally:
+            self._sched.release()
+
+    def _schedule(self, name: str, model: _Model, keep_alive: int | None, want: _Opts, client: str) -> _Runner:
+        with self._lock:
+            r = self._reusable(name, model, want)
+            if r is not None:
+                self._use(r, keep_alive, client)
+                return r
+            old = self._runners.get(name)
+            why = self._needs_reload(old, want, model) if old is not None else ""
+            previous = old.keep_alive_ns if old is not None else None
+            if old is not None:  # processPending expires it; it unloads once its requests have ended
+                old.keep_alive_ns, old.ending = 0, "replaced"
+            self._loading.add(name)
+            load_time = self._timing_for(name).load_time
+        try:
+            if old is not None:
+                self._wait_until(lambda: old.refs == 0)
+                with self._lock:
+                    if self._runners.get(name) is old:
+                        del self._runners[name]
+            else:
+                self._make_room(name)
             self._wait(load_time)
         finally:
             with self._lock:
-                self._loading.pop(name, None)
-                loading.set()
+                self._loading.discard(name)
         with self._lock:
-            ka = keep_alive if keep_alive is not None else (
-                FOREVER_NS if self.default_keep_alive < 0 else int(self.default_keep_alive * 10**9))
-            r = _Runner(name, model.size, model.size, want_ctx, ka, None, refs=1, shape=self.default_ps_shape)
+            ka = keep_alive if keep_alive is not None else self._default_keep_alive_ns()
+            r = self._new_runner(model, want, ka)
+            r.refs = 1
             self._runners[name] = r
             self.loads[name] += 1
+            if old is not None:
+                self.reloads[name] += 1
+                self._event("reload", name, why, client, ka, previous)
+            else:
+                self._event("load", name, "cold", client, ka)
             return r
 
-    def _release(self, r: _Runner) -> None:
-        """The request finished: when no other request uses the runner, restart its idle timer."""
+    def _make_room(self, name: str) -> None:
+        """OLLAMA_MAX_LOADED_MODELS: evict idle runners first, shortest keep_alive first, and wait for them."""
+        while self.max_loaded_models > 0:
+            with self._lock:
+                self._reap()
+                others = [r for n, r in self._runners.items() if n != name]
+                if len(others) < self.max_loaded_models:
+                    return
+                victim = min(others, key=lambda r: (r.refs > 0, r.keep_alive_ns, r.name))
+                victim.keep_alive_ns, victim.ending = 0, "evicted"
+                if victim.refs == 0:
+                    del self._runners[victim.name]
+                    self._event("unload", victim.name, "evicted", "")
+                    continue
+            self._wait(0.005)
+
+    def _wait_until(self, done: Callable[[], bool]) -> None:
+        while True:
+            with self._lock:
+                if done():
+                    return
+            self._wait(0.005)
+
+    def _finish(self, r: _Runner) -> None:
+        """processCompleted, after the response has ended: drop the reference; the last one out restarts the
+        idle timer (expires_at = now + the runner's duration)."""
+        def release() -> None:
+            with self._lock:
+                self._pending_releases -= 1
+                r.refs -= 1
+                if r.refs == 0:
+                    r.expires_ns = now_ns(r.keep_alive_ns)
+                self._reap()
+
         with self._lock:
-            r.refs -= 1
-            if r.refs == 0:
-                r.expires_ns = now_ns(r.keep_alive_ns)
-            self._reap()
+            self._pending_releases += 1
+        if self.expiry_lag > 0:
+            timer = threading.Timer(self.expiry_lag, release)
+            timer.daemon = True
+            timer.start()
+        else:
+            release()
 
     def _inference(self, h: _Handler, path: str, req: dict[str, Any], fault: _Fault | None, t0: int) -> None:
         given = req.get("model") or ""
@@ -770,8 +1135,8 @@ class FakeOllama:
         options = req.get("options") or {}
         if not isinstance(options, dict):
             raise _HTTPError(400, "json: cannot unmarshal value into Go struct field options of type map[string]interface {}")
-        num_ctx = options.get("num_ctx", self.default_num_ctx)
-        if not isinstance(num_ctx, int) or isinstance(num_ctx, bool):
+        num_ctx = options.get("num_ctx")
+        if num_ctx is not None and (not isinstance(num_ctx, int) or isinstance(num_ctx, bool)):
             raise _HTTPError(500, 'option "num_ctx" must be of type integer')
         name = normalize_name(str(given)) if given else ""
         with self._lock:
@@ -785,40 +1150,40 @@ class FakeOllama:
         if not embed and model.capabilities is not None and "completion" not in model.capabilities:
             raise _HTTPError(400, f'"{name}" does not support {"chat" if chat else "generate"}')
         text = req.get({"/api/generate": "prompt", "/api/chat": "messages", "/api/embed": "input"}[path])
-        if not text and keep_alive == 0:  # unload without loading (v0.3.11+)
+        client = h.headers.get("X-Forwarded-For", "")
+        if not text and keep_alive == 0 and not self.behaviour.unload_loads_first:  # unload without loading
             with self._lock:
                 r = self._runners.get(name)
-                if r is not None:
-                    r.keep_alive_ns, r.expires_ns = 0, now_ns()
+                if r is not None:  # expireRunner: ps shows "now" until its requests have ended
+                    r.keep_alive_ns, r.expires_ns, r.ending = 0, now_ns(), "stopped"
                 self._reap()
             return h.send_json(self._special(path, given, "unload"))
         if kind == "oom":
             with self._lock:  # the runner died (v0.30+ expires every runner on a runtime OOM: all=True)
                 for victim in list(self._runners) if fault.params.get("all") else [name]:
-                    self._runners.pop(victim, None)
+                    if self._runners.pop(victim, None) is not None:
+                        self._event("unload", victim, "oom", client)
             raise _HTTPError(500, str(fault.params.get("message", OOM_MESSAGE)))
-        runner, released = self._acquire(name, model, keep_alive, num_ctx), False
-
-        def finish() -> None:  # called before the last byte goes out, so callers see the new expires_at
-            nonlocal released
-            if not released:
-                released = True
-                self._release(runner)
+        want = self._request_opts(model, options, embed, req.get("shift"))
+        runner = self._acquire(name, model, keep_alive, want, client)
+        load_ns = time.monotonic_ns() - t0
         try:
-            load_ns = time.monotonic_ns() - t0
             if not text:
-                finish()
                 return h.send_json(self._special(path, given, "load"))
             if kind == "context_length":
                 raise _HTTPError(int(fault.params.get("code", 400)), str(fault.params.get(
                     "message", f"request ({runner.context_length + 1} tokens) exceeds the available context size "
                                f"({runner.context_length} tokens), try increasing it")))
             timing = self._timing_for(name)
-            if embed:
-                return self._embed(h, given, text, req, timing, t0, load_ns, finish)
-            self._generate(h, chat, given, req, options, timing, fault, t0, load_ns, finish)
+            runner.slots.acquire(self._stop)  # the runner's FIFO slot queue: unbounded, never a 503
+            try:
+                if embed:
+                    return self._embed(h, given, text, req, timing, t0, load_ns)
+                self._generate(h, chat, given, req, options, timing, fault, t0, load_ns)
+            finally:
+                runner.slots.release()
         finally:
-            finish()
+            self._finish(runner)  # after the last byte, as Ollama restarts the timer once the handler returned
 
     @staticmethod
     def _special(path: str, given: str, reason: str) -> dict[str, Any]:
@@ -831,7 +1196,7 @@ class FakeOllama:
         return {"model": given, "created_at": created, "response": "", "done": True, "done_reason": reason}
 
     def _embed(self, h: _Handler, given: str, text: Any, req: dict[str, Any], timing: Timing,
-               t0: int, load_ns: int, finish: Callable[[], None]) -> None:
+               t0: int, load_ns: int) -> None:
         inputs = [text] if isinstance(text, str) else [str(t) for t in text]
         self._wait(timing.ttft)
         dims = req.get("dimensions") if isinstance(req.get("dimensions"), int) else 8
@@ -839,12 +1204,11 @@ class FakeOllama:
         for item in inputs:
             digest = hashlib.sha256(item.encode()).digest()
             vectors.append([round((digest[i % 32] - 127.5) / 1275.0, 7) for i in range(dims)])
-        finish()
         h.send_json({"model": given, "embeddings": vectors, "total_duration": time.monotonic_ns() - t0,
                      "load_duration": max(load_ns, 1), "prompt_eval_count": sum(len(i.split()) or 1 for i in inputs)})
 
     def _generate(self, h: _Handler, chat: bool, given: str, req: dict[str, Any], options: dict[str, Any],
-                  timing: Timing, fault: _Fault | None, t0: int, load_ns: int, finish: Callable[[], None]) -> None:
+                  timing: Timing, fault: _Fault | None, t0: int, load_ns: int) -> None:
         stream = req.get("stream", True) is not False
         num_predict = options.get("num_predict")
         n = timing.tokens
@@ -901,10 +1265,16 @@ class FakeOllama:
         metrics = {"total_duration": end - t0, "load_duration": max(load_ns, 1), "prompt_eval_count": prompt_tokens,
                    "prompt_eval_duration": t_eval - t_prompt, "eval_count": n, "eval_duration": end - t_eval}
         final.update({k: v for k, v in metrics.items() if v})  # Go's omitempty drops zeros
-        finish()
+        if kind == "final_fields":  # hostile or broken values in the final chunk
+            final.update(fault.params.get("fields", {}))
         if not stream:
             return h.send_json(final)
         if n == 0:
             h.start_stream()
-        h.write_line(final)
+        if kind == "raw_final":  # the final line replaced by these bytes (e.g. very deep JSON)
+            raw = fault.params.get("line", b"{")
+            data = (raw if isinstance(raw, bytes) else str(raw).encode()) + b"\n"
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            h.write_line(final)
         h.end_stream()
