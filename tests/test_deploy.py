@@ -199,7 +199,7 @@ def test_pods_run_locked_down_with_probes_and_resources():
             assert ctx["capabilities"] == {"drop": ["ALL"]} and not ctx.get("privileged"), name
             assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"], name
             ports = {p["name"] for p in c["ports"]}
-            assert c["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": c["livenessProbe"]["httpGet"]["port"]}
+            assert c["livenessProbe"]["httpGet"]["path"] == "/-/healthy", name
             for probe in ("livenessProbe", "readinessProbe"):
                 assert c[probe]["httpGet"]["port"] in ports, (name, probe)
             assert c["image"] == IMAGE, name
@@ -267,12 +267,14 @@ def test_multi_target_scrapes_go_to_the_fleet_service_with_the_target_as_instanc
     sm = load_all(KUBE / "fleet-servicemonitor.yaml")[0]
     endpoint = sm["spec"]["endpoints"][0]
     assert endpoint["path"] == "/probe" and endpoint["params"] == {"module": ["default"]}
+    assert "default" in fleet_config(KUBE / "fleet-configmap.yaml")["multi_target"]["modules"]
     chain = [(r.get("sourceLabels"), r["targetLabel"], r.get("replacement")) for r in endpoint["relabelings"]]
     assert chain[:3] == [(["__address__"], "__param_target", None), (["__param_target"], "instance", None),
                          (None, "__address__", fleet_address())]
     probe = load_all(OVERLAYS / "static-targets" / "probe.yaml")[0]
     assert probe["spec"]["prober"] == {"url": fleet_address(), "path": "/probe"}
-    assert probe["spec"]["module"] in fleet_config(OVERLAYS / "static-targets" / "config.yml")["multi_target"]["modules"]
+    modules = fleet_config(OVERLAYS / "static-targets" / "config.yml")["multi_target"]["modules"]
+    assert probe["spec"]["module"] in modules
 
 
 def fleet_config(path: Path) -> dict:
