@@ -2,7 +2,7 @@
 
 The container image's HEALTHCHECK runs this, because the image has no curl. Without a URL it asks
 `http://127.0.0.1:<port>/-/healthy`, the port taken from OLLAMA_EXPORTER_WEB_LISTEN_ADDRESS (default
-:9778), so moving the port with that variable moves the check too. Pass a URL for anything else (an
+:9778; the first of a comma-separated list), so moving the port with that variable moves the check too. Pass a URL for anything else (an
 `https://` listener, a port set with the flag). A 401 counts as alive: with basic auth on, every path asks
 for credentials, and a liveness check only needs to know that the process answers. The certificate of an
 https URL is not verified: this is a loopback liveness check, not a trust decision. Exit status 1 (what
@@ -27,8 +27,8 @@ WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def default_url(listen_address: str) -> str:
-    """The loopback URL of `/-/healthy` for a listen address such as `:9778` or `[::]:9778`."""
-    host, port = parse_listen_address(listen_address, ENV_LISTEN_ADDRESS)
+    """The loopback URL of `/-/healthy` for the first of the listen addresses (`:9778`, `[::]:9778,:9100`)."""
+    host, port = parse_listen_address(listen_address.split(",")[0], ENV_LISTEN_ADDRESS)
     host = WILDCARDS.get(host, host)
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/-/healthy"
 

@@ -144,14 +144,16 @@ def container(image, ollama_with_models) -> Iterator:
     podman = image[0]
     names = []
 
-    def start(*options: str, env: tuple[str, ...] = ()) -> tuple[str, str]:
+    def start(*options: str, env: tuple[str, ...] = (), flags: tuple[str, ...] = ()) -> tuple[str, str]:
         port = free_port()
         name = f"ollama-exporter-test-{port}"
         names.append(name)
         podman.run("-d", "--name", name, "--network", "host", *options,
-                   "-e", f"OLLAMA_HOST={ollama_with_models.url}",
+                   "-e", f"OLLAMA_HOST={ollama_with_models.url}", "-e", "OLLAMA_EXPORTER_POLL_INTERVAL=500ms",
                    "-e", f"OLLAMA_EXPORTER_WEB_LISTEN_ADDRESS=127.0.0.1:{port}", *[f"-e{e}" for e in env],
-                   IMAGE, f"--web.listen-address=127.0.0.1:{port}", "--poll.interval=500ms")
+                   IMAGE, *flags)
+        if flags:
+            port = int(flags[0].rpartition(":")[2])
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: requests.get(url + "/-/ready", timeout=1).status_code == 200, timeout=30,
                  message=f"container {name} ready ({podman('logs', name, check=False).stderr[-500:]})")
@@ -181,8 +183,9 @@ def test_healthcheck_reports_healthy_and_unhealthy(image, container):
     name, url = container("--read-only", "--read-only-tmpfs=false")
     assert podman("healthcheck", "run", name, check=False).returncode == 0
     assert podman("inspect", name, "--format", "{{.State.Health.Status}}").stdout.strip() == "healthy"
-    # the check follows OLLAMA_EXPORTER_WEB_LISTEN_ADDRESS: pointed at a port nobody serves, it fails
-    other, _ = container("--read-only", env=(f"OLLAMA_EXPORTER_WEB_LISTEN_ADDRESS=127.0.0.1:{free_port()}",))
+    # the check follows OLLAMA_EXPORTER_WEB_LISTEN_ADDRESS, not the flag: with the daemon moved by the
+    # flag, the check asks a port nobody serves, and fails
+    other, _ = container("--read-only", flags=(f"--web.listen-address=127.0.0.1:{free_port()}",))
     result = podman("healthcheck", "run", other, check=False)
     assert result.returncode != 0 and "unhealthy" in result.stdout + result.stderr
 

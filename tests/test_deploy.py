@@ -290,14 +290,9 @@ def test_fleet_configs_allow_only_ollama_urls_and_load(path, tmp_path):
     allow = cfg["multi_target"]["allow"]
     assert allow and all(p.startswith(("http://", "https://")) and p.endswith(":11434") for p in allow)
     assert cfg["gpu"]["enabled"] is False
-    # the keys this exporter knows today must load; multi_target.* joins them with multi-target mode
-    known = {k: v for k, v in cfg.items() if k != "multi_target"}
-    (tmp_path / "known.yml").write_text(yaml.safe_dump(known))
-    exporter_config.build_config(str(tmp_path / "known.yml"), environ={})
-    if not any(k.name.startswith("multi_target.") for k in exporter_config.KEYS):
-        pytest.skip("multi_target.* is not a config key yet (multi-target mode)")
-    (tmp_path / "full.yml").write_text(yaml.safe_dump(cfg))
-    exporter_config.build_config(str(tmp_path / "full.yml"), environ={})
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(cfg))
+    loaded = exporter_config.build_config(str(tmp_path / "config.yml"), environ={})  # as the exporter reads it
+    assert loaded.multi_target_allow == tuple(allow) and loaded.module("default").probes is False
 
 
 def test_static_probe_targets_are_all_allowed():

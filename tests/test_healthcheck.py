@@ -27,6 +27,7 @@ def healthcheck(*args: str, listen: str = "") -> subprocess.CompletedProcess:
     ("[::]:9778", "http://[::1]:9778/-/healthy"),
     ("10.1.2.3:9778", "http://10.1.2.3:9778/-/healthy"),
     ("[::1]:9778", "http://[::1]:9778/-/healthy"),
+    ("127.0.0.1:9100,[::1]:9100", "http://127.0.0.1:9100/-/healthy"),  # the env var's list form
 ])
 def test_the_listen_address_becomes_a_loopback_url(listen, url):
     assert default_url(listen) == url
