@@ -223,6 +223,9 @@ def test_labels_user_healthcheck_and_shipped_files(image):
                          *[f"{SHARE}/{f}" for f in sorted(shipped)]).stdout
     in_image = {line.split()[1][len(SHARE) + 1:]: line.split()[0] for line in listing.splitlines()}
     assert in_image == {f: hashlib.sha256((REPO / f).read_bytes()).hexdigest() for f in shipped}
+    # the package's own copies too: `ollama-exporter assets` works in the image
+    dashboard = podman.run("--rm", "--network", "none", IMAGE, "assets", "dashboard").stdout
+    assert json.loads(dashboard) == json.loads((REPO / "grafana" / "ollama-exporter.json").read_text())
 
 
 def test_the_build_refuses_a_version_label_that_is_not_the_packages(image):
