@@ -5,6 +5,8 @@
 #   - openssl and curl: test certificates and a real HTTPS client for the TLS/basic-auth tests
 #   - Debian's `systemd`: systemd-analyze verify/security for the shipped unit (and libseccomp)
 #   - a C compiler (the fake NVML driver library is built by the tests)
+#   - podman with runc, and mmdebstrap: the container image is built and run by the tests, on a base
+#     made from Debian's packages (image registries are out of reach)
 #   - a virtualenv in .venv with the package and its test extra
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k config`).
 set -euo pipefail
@@ -17,6 +19,8 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
+command -v podman >/dev/null && command -v runc >/dev/null || need+=(podman runc)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "scripts/test.sh: installing Debian packages: ${need[*]}"
