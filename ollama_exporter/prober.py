@@ -92,10 +92,15 @@ def num_ctx_choices(version: tuple[int, int, int], kind: str, ps_context: Option
     """
     if not ps_context or version < (0, 10, 0):
         return (None,)
-    clamped = version >= (0, 15, 5) and (version < (0, 30, 0) or kind == "embed")
-    if clamped and train and ps_context >= train:
+    if needs_training_context(version, kind) and train and ps_context >= train:
         return (None, ps_context)
     return (ps_context,)
+
+
+def needs_training_context(version: tuple[int, int, int], kind: str) -> bool:
+    """Whether ps's context_length may be clamped to the training context, so that choosing num_ctx needs
+    the training context (/api/show): without it a probe could reload the model."""
+    return version >= (0, 15, 5) and (version < (0, 30, 0) or kind == "embed")
 
 
 @dataclass
@@ -466,6 +471,9 @@ class Prober:
             if t.row is not None:
                 self._observe(state, t.row, now, since, first)
             reason = t.refusal(self.config.probes_allow_cold_load) or self._gate(t.row, state, now)
+            if not reason and t.row is not None and t.row.context_length and t.train is None \
+                    and needs_training_context(version, t.kind or "generate"):
+                reason = "wait"  # /api/show has not answered yet (it runs in the background): next poll
             if reason == "wait":
                 continue
             if reason:

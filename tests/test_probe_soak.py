@@ -23,7 +23,7 @@ def test_probes_change_nothing_over_a_soak(profile):
     assert len(f.unload_delays) == 2, "the finite-keep_alive model went idle twice"
     if profile == "<=0.1.48":  # probes are off: the users' own requests reset their pins (and that is seen)
         assert f.probes == 0 and not any(f.measured.values()) and f.skipped["unsupported_version"] > 0
-        assert f.pins_lost == f.downgrades > 0
+        assert 0 < f.downgrades <= f.pins_lost  # a loss re-pinned within one poll can go unseen
         assert all(abs(d) < SLACK for d in f.unload_delays)
         return
     assert f.pins_lost == 0 and f.downgrades == 0 and f.pin_restores == 0

@@ -47,6 +47,7 @@ def make(fake, start=True, **overrides):
     clock = Clock()
     client = OllamaClient(fake.url, 2.0)
     poller = Poller(client, 0.2, clock=clock)
+    poller.settle_shows = True  # every poll has the /api/show answers for the models it lists
     prober = Prober(client, config, lambda: poller.snapshot, clock=clock)
     prober.jitter_max, prober.settle_delay = 0.0, 0.05
     poller.probe_stats = prober.stats
@@ -222,6 +223,23 @@ def test_v0_24_probes_leave_num_ctx_out_where_ps_is_clamped(fake):
     assert not probe_caused(fake) and fake.runner_keep_alive("qwen3:8b") == INF
     user(fake, "qwen3:8b")  # and the user's next turn does not pay for a reload either
     assert not [e for e in fake.events if e.kind == "reload"]
+
+
+def test_v0_24_no_probe_before_the_training_context_is_known(fake):
+    """/api/show runs in the background: until it has answered, the clamped ps value cannot be judged."""
+    fake.version, fake.vram_gib = PROFILES["0.15.5-0.24"], 48
+    fake.add_model("qwen3:8b", context_length=40960)
+    user(fake, "qwen3:8b", keep_alive=-1)  # automatic: 262144 stored, ps 40960
+    poller, prober, clock = make(fake)
+    poller.shows = type(poller.shows)(lambda name: time.sleep(10), poller.shows.pool, 1.0)  # never answers
+    poller.settle_shows = False
+    for _ in range(3):
+        assert probe_round(poller, prober, clock) == []
+    assert not inference_requests_from_probes(fake) and not [e for e in fake.events if e.kind == "reload"]
+
+
+def inference_requests_from_probes(fake):
+    return [r for r in inference_requests(fake) if r.headers.get("X-Forwarded-For")]
 
 
 def test_v0_30_embed_probes_leave_num_ctx_out_for_small_embedding_models(fake):
