@@ -360,6 +360,7 @@ class TrafficStats:
 
     def _server_start(self, e: lp.ServerStart) -> None:
         self._forget_attribution()
+        self._inflight.clear()  # its runners died with it: their requests will never end in the log
         self._epoch, self._loading = None, False
 
     def _load_start(self, e: lp.LoadStart) -> None:
@@ -471,9 +472,9 @@ class TrafficStats:
     # --- attribution helpers (lock held) ---
 
     def _forget_attribution(self) -> None:
+        """Lines went missing (or Ollama restarted): a later line for a request in flight may be another's."""
         for request in self._inflight.values():
-            if request.model is None:
-                request.model = UNATTRIBUTED
+            request.model = UNATTRIBUTED
         self._sole, self._views = None, []
         self._changes += 1
 
