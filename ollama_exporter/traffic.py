@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from ollama_exporter import logparse as lp
+from ollama_exporter.snapshot import HistogramValue
 
 UNATTRIBUTED = "_unattributed"
 LAG_SECONDS = 1.0  # a line reaches the log (journald, a file, a pipe) within this long of its event
@@ -43,14 +44,6 @@ LOAD_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PREFILL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TPOT_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
-
-
-@dataclass(frozen=True)
-class HistogramValue:
-    buckets: tuple[float, ...]
-    counts: tuple[int, ...]  # cumulative, one per bucket
-    count: int
-    sum: float
 
 
 class Histogram:

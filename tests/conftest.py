@@ -79,8 +79,8 @@ class Exporter:
     of it is well-formed logfmt or JSON, so each test that runs the daemon also tests its logs."""
 
     def __init__(self, *args: str, host: str = "127.0.0.1", env: Optional[dict] = None, listen: bool = True,
-                 nofile: Optional[tuple[int, int]] = None):
-        self.port = free_port(host)
+                 nofile: Optional[tuple[int, int]] = None, port: Optional[int] = None):
+        self.port = port or free_port(host)  # the same port again: a restart Prometheus keeps scraping
         self.host = host
         bracketed = f"[{host}]" if ":" in host else host
         self.url = f"http://{bracketed}:{self.port}"

@@ -10,11 +10,13 @@ truncates it in place (logrotate copytruncate).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 MODELS_DIR = "/usr/share/ollama/.ollama/models"
 
@@ -51,6 +53,36 @@ def gin_line(code: int = 200, seconds: float = 0.05, client: str = "127.0.0.1", 
     stamp = time.strftime("%Y/%m/%d - %H:%M:%S", time.localtime(when))
     quoted = '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return f"[GIN] {stamp} | {code:3d} | {go_duration(seconds):>13} | {client:>15} | {method:<7}  {quoted}"
+
+
+def gin_client_ip(headers: Mapping[str, str], remote: str) -> str:
+    """gin's Context.ClientIP() as Ollama runs it (every proxy trusted, SetTrustedProxies never called):
+    X-Forwarded-For, then X-Real-IP, walked from the right; all entries valid -> the first one; an invalid
+    entry makes the header unusable; no usable header -> the peer address."""
+    for name in ("X-Forwarded-For", "X-Real-IP"):
+        value = headers.get(name) or ""
+        items = value.split(",") if value else []
+        for i in range(len(items) - 1, -1, -1):
+            item = items[i].strip()
+            try:
+                ipaddress.ip_address(item)
+            except ValueError:
+                break
+            if i == 0:
+                return item
+    return remote
+
+
+class GinAccessLog:
+    """A FakeOllama.access_log that writes gin's line for each request to a LogFile, as Ollama does."""
+
+    def __init__(self, log: "LogFile"):
+        self.log = log
+        self.lock = threading.Lock()
+
+    def __call__(self, method: str, path: str, status: int, seconds: float, headers: Any, remote: str) -> None:
+        with self.lock:
+            self.log.write([gin_line(status, seconds, gin_client_ip(headers, remote), method, path)])
 
 
 def slog_line(msg: str, level: str = "INFO", source: str = "server.go:1", when: Optional[float] = None,
