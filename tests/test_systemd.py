@@ -482,3 +482,53 @@ def test_exporter_with_nvml_runs_under_the_units_seccomp_filters(sandbox, nvml, 
     stderr = proc.stderr.read()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "Operation not permitted" not in stderr, stderr
+
+
+def test_journal_read_access_and_a_state_directory(unit):
+    """The logs source reads `journalctl -u ollama` (the systemd-journal group) and keeps its position and
+    counters in $STATE_DIRECTORY, the only writable place under ProtectSystem=strict."""
+    service = unit["Service"]
+    groups = [last(service, "Group") or ""] + list_setting(service, "SupplementaryGroups")
+    assert "systemd-journal" in groups
+    assert list_setting(service, "StateDirectory") == ["ollama-exporter"]
+    assert last(service, "StateDirectoryMode") == "0700"
+
+
+def test_logs_and_runners_sources_run_under_the_units_seccomp_filters(sandbox, tmp_path):
+    """journalctl started by the exporter (the fake here), the state file written to $STATE_DIRECTORY as
+    systemd sets it, and /proc scanned for runners, all under the unit's system call filters."""
+    from tests.fakes.journalctl import FakeJournal
+    from tests.fakes.ollama import FakeOllama
+    from tests.fakes.ollama_log import gin_line
+
+    journal = FakeJournal(tmp_path / "journal.jsonl")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
+    env.update(journal.env(tmp_path / "bin"), STATE_DIRECTORY=str(state_dir))
+    port = free_port("127.0.0.1")
+    with FakeOllama() as fake:
+        proc = subprocess.Popen(sandbox(str(console_script()), "--ollama.url", fake.url, "--web.listen-address",
+                                        f"127.0.0.1:{port}", "--poll.interval=300ms", "--no-probes.enabled",
+                                        "--logs.source=journald", "--runners.enabled=true"),
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            wait_for(lambda: sample(requests.get(url, timeout=1).text, "ollama_exporter_source_up", source="logs") == 1,
+                     20, message="sandboxed logs source up")
+            journal.extend(gin_line(200, 0.2, "127.0.0.1", "POST", "/api/chat") for _ in range(4))
+            wait_for(lambda: sample(requests.get(url, timeout=1).text, "ollama_http_requests_total", route="/api/chat",
+                                    method="POST", code="200") == 4, 20, message="4 requests under the sandbox")
+            assert sample(requests.get(url, timeout=1).text, "ollama_exporter_source_up", source="runners") == 1
+            wait_for(lambda: (state_dir / "logs-state.json").is_file(), message="state file in $STATE_DIRECTORY")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Operation not permitted" not in stderr, stderr
+    assert json.loads((state_dir / "logs-state.json").read_text())["position"]["cursor"]
