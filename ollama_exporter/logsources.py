@@ -276,6 +276,8 @@ class JournaldSource:
         if not data:
             self.close()
             detail = "; ".join(self._stderr) or f"exit status {proc.wait()}"
+            if "cursor" in detail.lower():  # the journal no longer knows it (vacuumed, another machine): go on
+                self._cursor = None  # from the end rather than fail forever
             raise SourceFailure("exited", f"journalctl exited: {detail}")
         batch = Batch(caught_up=len(data) < READ_SIZE, read_at=read_at)
         for raw in self._splitter.feed(data):

@@ -209,6 +209,12 @@ def test_journal_bad_cursor_and_denied_access_are_reported(journal, monkeypatch)
     with pytest.raises(SourceFailure) as info:
         drain(src, lambda ls: False, timeout=5)
     assert info.value.reason == "exited" and "Failed to seek to cursor" in str(info.value)
+    try:  # the next start goes on from the end of the journal instead of failing forever
+        drain(src)
+        journal.append("after the bad cursor")
+        assert drain(src, lambda ls: ls) == [b"after the bad cursor"]
+    finally:
+        src.close()
     monkeypatch.setenv("FAKE_JOURNAL_DENIED", "1")
     denied = JournaldSource("ollama", journal.journalctl)
     denied.open(None)
