@@ -21,13 +21,13 @@ Requests are counted when their lines arrive, so the model a request is booked u
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from ollama_exporter import logparse as lp
+from ollama_exporter.histogram import Histogram
 from ollama_exporter.snapshot import HistogramValue
 
 UNATTRIBUTED = "_unattributed"
@@ -44,24 +44,6 @@ LOAD_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PREFILL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TPOT_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...], counts: Optional[list[int]] = None, total: float = 0.0):
-        self.buckets = buckets
-        self.counts = counts if counts is not None else [0] * (len(buckets) + 1)  # per bucket, then +Inf
-        self.sum = total
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    def value(self) -> HistogramValue:
-        cumulative, running = [], 0
-        for c in self.counts[:-1]:
-            running += c
-            cumulative.append(running)
-        return HistogramValue(self.buckets, tuple(cumulative), running + self.counts[-1], self.sum)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,14 @@ def logfile(tmp_path) -> LogFile:
     return LogFile(tmp_path / "logs" / "server.log")
 
 
+def tail(logfile: LogFile, poll_interval: float = 0.25) -> FileSource:
+    """A source opened without a position and read once: it now follows from the end."""
+    src = FileSource(str(logfile.path), poll_interval=poll_interval)
+    src.open(None)
+    drain(src)
+    return src
+
+
 def test_file_starts_at_the_end_the_first_time(logfile):
     logfile.write(["old 1", "old 2"])
     src = FileSource(str(logfile.path))
@@ -70,9 +78,7 @@ def test_file_starts_at_the_end_the_first_time(logfile):
 
 
 def test_file_resumes_at_its_position_and_waits_for_whole_lines(logfile):
-    src = FileSource(str(logfile.path))
-    src.open(None)
-    drain(src)
+    src = tail(logfile)
     logfile.write(["one"])
     logfile.write_raw(b"tw")
     assert drain(src, lambda ls: ls) == [b"one"]
@@ -85,9 +91,7 @@ def test_file_resumes_at_its_position_and_waits_for_whole_lines(logfile):
 
 
 def test_file_follows_rename_rotation_without_losing_the_old_tail(logfile):
-    src = FileSource(str(logfile.path), poll_interval=0.01)
-    src.open(None)
-    drain(src)
+    src = tail(logfile, poll_interval=0.01)
     logfile.write(["before"])
     logfile.write_raw(b"last words")  # no newline yet when the app renames the file
     logfile.rotate_rename()
@@ -96,9 +100,7 @@ def test_file_follows_rename_rotation_without_losing_the_old_tail(logfile):
 
 
 def test_file_rotated_while_stopped_is_finished_by_inode_first(logfile):
-    src = FileSource(str(logfile.path))
-    src.open(None)
-    drain(src)
+    src = tail(logfile)
     logfile.write(["seen"])
     drain(src, lambda ls: ls)
     position = src.position()
@@ -114,9 +116,7 @@ def test_file_rotated_while_stopped_is_finished_by_inode_first(logfile):
 
 
 def test_file_truncated_in_place_restarts_at_zero(logfile):
-    src = FileSource(str(logfile.path), poll_interval=0.01)
-    src.open(None)
-    drain(src)
+    src = tail(logfile, poll_interval=0.01)
     logfile.write(["a long line before copytruncate", "another"])
     drain(src, lambda ls: len(ls) >= 2)
     logfile.truncate()
@@ -126,9 +126,7 @@ def test_file_truncated_in_place_restarts_at_zero(logfile):
 
 
 def test_file_truncated_while_stopped_restarts_at_zero(logfile):
-    src = FileSource(str(logfile.path))
-    src.open(None)
-    drain(src)
+    src = tail(logfile)
     logfile.write(["x" * 100])
     drain(src, lambda ls: ls)
     position = src.position()
@@ -150,9 +148,7 @@ def test_missing_file_is_a_clear_failure_until_it_appears(tmp_path):
 
 
 def test_long_and_invalid_lines_pass_as_bytes(logfile):
-    src = FileSource(str(logfile.path))
-    src.open(None)
-    drain(src)
+    src = tail(logfile)
     logfile.write_raw(b"\xff\xfebad utf-8\n" + b"L" * (MAX_LINE + 10) + b"\nok\n")
     assert drain(src, lambda ls: len(ls) >= 3) == [b"\xff\xfebad utf-8", None, b"ok"]
 

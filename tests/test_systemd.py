@@ -441,6 +441,20 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def stop_cleanly(proc: subprocess.Popen) -> None:
+    """SIGTERM the sandboxed exporter: it must exit 0 with nothing refused and no traceback on stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Operation not permitted" not in stderr, stderr
+
+
 def test_exporter_with_nvml_runs_under_the_units_seccomp_filters(sandbox, nvml, runners, ollama_with_models):
     """CPython, ctypes and pynvml loading libnvidia-ml.so.1 (the fake) under MemoryDenyWriteExecute, the
     system call allow list and the address families; GPU metrics, runner attribution, probes, shutdown."""
@@ -472,16 +486,7 @@ def test_exporter_with_nvml_runs_under_the_units_seccomp_filters(sandbox, nvml, 
             assert any(line.startswith("ollama_loaded_model_gpu_memory_bytes{") and f'model="{model}"' in line
                        for line in text.splitlines()), f"no GPU memory attributed to {model}"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    stderr = proc.stderr.read()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "Operation not permitted" not in stderr, stderr
+        stop_cleanly(proc)
 
 
 def test_journal_read_access_and_a_state_directory(unit):
@@ -522,13 +527,5 @@ def test_logs_and_runners_sources_run_under_the_units_seccomp_filters(sandbox, t
             assert sample(requests.get(url, timeout=1).text, "ollama_exporter_source_up", source="runners") == 1
             wait_for(lambda: (state_dir / "logs-state.json").is_file(), message="state file in $STATE_DIRECTORY")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    stderr = proc.stderr.read()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "Operation not permitted" not in stderr, stderr
+            stop_cleanly(proc)
     assert json.loads((state_dir / "logs-state.json").read_text())["position"]["cursor"]

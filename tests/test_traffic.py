@@ -49,6 +49,13 @@ def catch_up(stats: TrafficStats, clock: Clock) -> None:
     stats.caught_up(clock.now)
 
 
+def two_runners() -> tuple[TrafficStats, Clock]:
+    stats, clock = make()
+    feed(stats, load_lines(A, 40001, "qwen3:8b", runners=1))
+    feed(stats, load_lines(B, 40002, "llama3.1:8b", runners=2))
+    return stats, clock
+
+
 # --- the sole-runner rule from the log ---------------------------------------------------------------
 
 def test_one_runner_loaded_attributes_its_requests():
@@ -65,9 +72,7 @@ def test_one_runner_loaded_attributes_its_requests():
 
 
 def test_two_runners_leave_requests_unattributed():
-    stats, _ = make()
-    feed(stats, load_lines(A, 40001, "qwen3:8b", runners=1))
-    feed(stats, load_lines(B, 40002, "llama3.1:8b", runners=2))
+    stats, _ = two_runners()
     feed(stats, request_lines(0, 3, generated=10))
     assert generated(stats) == {UNATTRIBUTED: 10}
 
@@ -102,9 +107,7 @@ def test_ollama_restart_forgets_runners():
 # --- the sole-runner rule from a poll -----------------------------------------------------------------
 
 def test_a_poll_with_one_model_attributes_after_the_log_catches_up():
-    stats, clock = make()
-    feed(stats, load_lines(A, 40001, "qwen3:8b", runners=1))
-    feed(stats, load_lines(B, 40002, "llama3.1:8b", runners=2))
+    stats, clock = two_runners()
     lines = request_lines(0, 1, generated=7)
     feed(stats, lines[:6])  # in flight, unknown
     poll(stats, clock, ["llama3.1:8b"])  # qwen3 unloaded (its expiry is only logged at DEBUG)
@@ -117,9 +120,7 @@ def test_a_poll_with_one_model_attributes_after_the_log_catches_up():
 
 
 def test_a_poll_is_void_when_a_load_starts_before_the_catch_up():
-    stats, clock = make()
-    feed(stats, load_lines(A, 40001, "qwen3:8b", runners=1))
-    feed(stats, load_lines(B, 40002, "llama3.1:8b", runners=2))
+    stats, clock = two_runners()
     poll(stats, clock, ["llama3.1:8b"])
     feed(stats, load_lines(A, 40003, "qwen3:8b", runners=2)[:1])  # a load started: a second runner may appear
     catch_up(stats, clock)
@@ -128,9 +129,7 @@ def test_a_poll_is_void_when_a_load_starts_before_the_catch_up():
 
 
 def test_a_poll_during_a_load_is_not_used():
-    stats, clock = make()
-    feed(stats, load_lines(A, 40001, "qwen3:8b", runners=1))
-    feed(stats, load_lines(B, 40002, "llama3.1:8b", runners=2))
+    stats, clock = two_runners()
     mark = stats.poll_mark()
     feed(stats, load_lines(A, 40003, "qwen3:8b", runners=2)[:1])  # the load began before /api/ps answered
     poll(stats, clock, ["llama3.1:8b"], mark=mark)
@@ -150,13 +149,6 @@ def test_a_poll_showing_two_models_ends_the_sole_runner():
 
 
 # --- the /slots join -------------------------------------------------------------------------------------
-
-def two_runners() -> tuple[TrafficStats, Clock]:
-    stats, clock = make()
-    feed(stats, load_lines(A, 40001, "qwen3:8b", runners=1))
-    feed(stats, load_lines(B, 40002, "llama3.1:8b", runners=2))
-    return stats, clock
-
 
 def test_slots_join_attributes_a_request_seen_in_flight_on_one_runner():
     stats, clock = two_runners()
