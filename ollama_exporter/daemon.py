@@ -89,8 +89,9 @@ def make_log_follower(config: Config) -> Optional[LogFollower]:
         source = PipeSource()
     path = config.logs_state_file or default_state_path(os.environ)
     if path is None:
-        log.warning("log position and counters kept in memory only: after a restart, counting starts at zero "
-                    "from the end of the log", extra={"reason": "no logs.state_file and no $STATE_DIRECTORY"})
+        log.warning("log position and counters kept in memory only", extra={
+            "reason": "no logs.state_file and no $STATE_DIRECTORY", "error": "after a restart, counting starts "
+            "at zero from the end of the log"})
     return LogFollower(source, TrafficStats(config.probes_forwarded_for), StateFile(path) if path else None)
 
 

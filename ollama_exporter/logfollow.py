@@ -72,7 +72,7 @@ class LogFollower:
         except ValueError as exc:  # the position alone is still right: counters restart, nothing is re-read
             log.warning("log state counters unreadable, counting from zero", extra={"error": str(exc)})
         if saved.get("source") != self.source.identity:
-            log.info("log source changed since the state was saved; starting at its end",
+            log.info("log source changed since the state was saved, starting at its end",
                      extra={"source": self.source.identity})
             return None
         position = saved.get("position")
@@ -169,8 +169,8 @@ class LogFollower:
         with self._lock:
             self._errors[reason] += 1
             if self._failing != reason:
-                log.warning("log source failed: %s", message,
-                            extra={"source": self.source.identity, "reason": reason, "error": message})
+                log.warning("log source failed", extra={"source": self.source.identity, "reason": reason,
+                                                        "error": message})
             self._failing = reason
             previous = self._status
             self._status = SourceStatus("logs", False, 0.0, previous.last_success, reason, message)

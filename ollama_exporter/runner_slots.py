@@ -125,7 +125,8 @@ class RunnerSource:
         self.timeout = timeout
         self.proc = proc
         self.read_cmdline = read_cmdline
-        self._known: dict[int, Optional[_Runner]] = {}  # pid -> runner, or None for any other process
+        # (pid, start) -> runner, or None for any other process; `start` tells a reused PID from its first owner
+        self._known: dict[tuple[int, int], Optional[_Runner]] = {}
         self._busy: dict[int, threading.Thread] = {}
 
     def sample(self, loaded: Iterable[LoadedModel], installed: Iterable[InstalledModel]) -> RunnersState:
@@ -164,25 +165,27 @@ class RunnerSource:
     # --- internals ---
 
     def _scan(self) -> list[_Runner]:
-        """Model runners with a port among the visible processes; argv is read once per PID."""
-        pids = set(runners.list_processes(self.proc))
-        for pid in list(self._known):
-            if pid not in pids:
-                del self._known[pid]
-                self._busy.pop(pid, None)
-        for pid in pids - self._known.keys():
+        """Model runners with a port among the visible processes; argv is read once per process."""
+        seen = {(pid, start) for pid in runners.list_processes(self.proc)
+                for start in [_start_time(self.proc, pid)] if start is not None}
+        for key in list(self._known):
+            if key not in seen:
+                del self._known[key]
+                self._busy.pop(key[0], None)
+        for key in seen - self._known.keys():
+            pid = key[0]
             argv = self.read_cmdline(pid)
             ref = runners.model_ref(argv) if argv else ""
             port = runners.runner_port(argv) if argv else None
             if not ref or port is None:
-                self._known[pid] = None
+                self._known[key] = None
                 continue
             name = os.path.basename(argv[0])
             kind = LLAMA_SERVER if name == "llama-server" else OLD_RUNNER if name == "ollama_llama_server" \
                 else UNSUPPORTED
             if kind == OLD_RUNNER and "runner" in argv[1:]:
                 kind = UNSUPPORTED  # v0.5.x Go runner under the old binary name: /health has no slots
-            self._known[pid] = _Runner(pid, port, kind, ref)
+            self._known[key] = _Runner(pid, port, kind, ref)
         return [r for r in self._known.values() if r is not None]
 
     def _sample_one(self, model: str, runner: _Runner, results: dict) -> None:
@@ -229,6 +232,15 @@ class RunnerSource:
             return None
         idle, processing = body["slots_idle"], body["slots_processing"]
         return RunnerSample(model, runner.pid, runner.port, runner.kind, slots=idle + processing, busy=processing)
+
+
+def _start_time(proc: str, pid: int) -> Optional[int]:
+    """When the process started (clock ticks since boot, /proc/<pid>/stat field 22): a reused PID differs."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def parse_slot(item: Any) -> Optional[Slot]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 
 import pytest
 
-from ollama_exporter.runner_slots import RunnerSource, parse_slot
+from ollama_exporter.runner_slots import RunnersState, RunnerSource, parse_slot
 from ollama_exporter.snapshot import InstalledModel, LoadedModel, ModelDetails, ShowInfo
 from tests.fakes.llama_server import FakeLlamaServer
 
-A, B = "a" * 64, "b" * 64
+# Blobs of this session only: the runners source scans every process of the machine, and other test
+# sessions on it run runner-like processes too.
+A, B = secrets.token_hex(32), secrets.token_hex(32)
 
 
 def installed(name: str, blob: str) -> InstalledModel:
@@ -143,3 +146,21 @@ def test_slot_shapes(item, expected):
 @pytest.mark.parametrize("item", [None, [], {"n_ctx": 5}, {"id": "0"}, {"id": True}])
 def test_slot_garbage(item):
     assert parse_slot(item) is None
+
+
+def test_a_reused_pid_is_read_again(tmp_path):
+    """argv is cached per process, not per PID: a PID that comes back as a runner is seen as one."""
+    argv = {4242: ["/usr/bin/bash"]}
+
+    def stat(start: int) -> None:
+        (tmp_path / "4242").mkdir(exist_ok=True)
+        (tmp_path / "4242" / "stat").write_text(f"4242 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0\n")
+
+    source = RunnerSource(timeout=0.2, proc=str(tmp_path), read_cmdline=lambda pid: argv.get(pid))
+    stat(100)
+    assert source.sample(*models(("qwen3:8b", A))) == RunnersState((), False, False)
+    argv[4242] = ["/usr/lib/ollama/llama-server", "--model", f"/m/blobs/sha256-{A}", "--port", "1"]
+    assert not source.sample(*models(("qwen3:8b", A))).found  # the same process: its argv is not read again
+    stat(200)  # exited, and its PID went to a runner
+    state = source.sample(*models(("qwen3:8b", A)))
+    assert state.found and state.runners[0].error == "connection"

@@ -5,6 +5,7 @@ counted exactly once, and the exporter's own probes and polls never count as use
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from tests.fakes.ollama_log import GinAccessLog, LogFile, gin_line, load_lines, 
 from tests.prometheus import Prometheus
 
 OWN = "192.0.2.1"
-BLOB = "7" * 64
+BLOB = secrets.token_hex(32)  # this session's: the runners source sees every process of the machine
 MODEL = "qwen3:8b"
 FAST = ("--poll.interval", "500ms", "--ollama.timeout", "2s")
 
@@ -204,7 +205,7 @@ def test_logs_config_from_a_file(tmp_path):
 
 def test_slots_join_through_the_poller(tmp_path):
     """Two runners loaded: a request seen in flight on one runner's /slots gets that runner's model."""
-    other_blob, other = "8" * 64, "llama3.1:8b"
+    other_blob, other = secrets.token_hex(32), "llama3.1:8b"
     log = LogFile(tmp_path / "server.log")
     with FakeOllama() as fake:
         for name, blob in ((MODEL, BLOB), (other, other_blob)):

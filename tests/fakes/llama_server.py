@@ -61,8 +61,9 @@ class FakeLlamaServer:
         with self.lock:
             self.slots[slot] = FakeSlot(self.n_ctx)
 
-    def start(self, argv0: str = "/usr/lib/ollama/llama-server") -> "FakeLlamaServer":
-        """Serve on a free loopback port and start the process whose argv names that port."""
+    def start(self, argv0: str = "/usr/lib/ollama/llama-server", extra_args: tuple[str, ...] = ()) -> "FakeLlamaServer":
+        """Serve on a free loopback port and start the process whose argv names that port (`extra_args`
+        before --model, e.g. ("runner", "--ollama-engine") for a Go runner's command line)."""
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,7 +94,8 @@ class FakeLlamaServer:
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         args = ["--model", f"{MODELS}/sha256-{self.blob}", "--port", str(self.port), "--host", "127.0.0.1",
                 "-c", str(self.n_ctx * self.n_slots), "-np", str(self.n_slots)]
-        self._proc = subprocess.Popen([argv0, "-c", "import time; time.sleep(600)", *args], executable=sys.executable)
+        self._proc = subprocess.Popen([argv0, "-c", "import time; time.sleep(600)", *extra_args, *args],
+                                      executable=sys.executable)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             with open(f"/proc/{self._proc.pid}/cmdline", "rb") as fh:
