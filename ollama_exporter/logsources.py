@@ -107,12 +107,20 @@ class FileSource:
         self._start: Optional[dict] = None
 
     def open(self, position: Optional[dict]) -> None:
-        """Resume at `position` ({dev, ino, offset}); without one, start at the end (no back-fill)."""
-        self._start = dict(position) if position else None
+        """Resume at `position` ({dev, ino, offset}); without one, at the end of the file as it is now (no
+        back-fill), or at the start of a file that does not exist yet (all of it will be new)."""
+        if position:
+            self._start = dict(position)
+            return
+        try:
+            st = os.stat(self.path)
+            self._start = {"dev": st.st_dev, "ino": st.st_ino, "offset": st.st_size}
+        except OSError:
+            self._start = {"dev": None, "ino": None, "offset": 0, "new": True}
 
     def position(self) -> dict:
         if self._ino is None:
-            return dict(self._start) if self._start else {}
+            return dict(self._start) if self._start and not self._start.get("new") else {}
         offset = self._offset - self._splitter.pending
         if self._draining is not None:  # still reading the renamed file: resume there
             fd, ino, _ = self._draining
@@ -165,7 +173,9 @@ class FileSource:
         st = os.fstat(fd)
         ino, start = (st.st_dev, st.st_ino), self._start
         self._splitter.reset()
-        if start and (start.get("dev"), start.get("ino")) == ino:
+        if start and start.get("new"):
+            offset = 0
+        elif start and (start.get("dev"), start.get("ino")) == ino:
             offset = start.get("offset", 0) if st.st_size >= start.get("offset", 0) else 0  # truncated meanwhile
         elif start:
             offset = 0  # a new file since we last ran; finish the renamed one first if it is still there

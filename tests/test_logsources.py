@@ -72,8 +72,7 @@ def test_file_starts_at_the_end_the_first_time(logfile):
     logfile.write(["old 1", "old 2"])
     src = FileSource(str(logfile.path))
     src.open(None)
-    assert drain(src) == []
-    logfile.write(["new"])
+    logfile.write(["new"])  # after open(), before the first read: new
     assert drain(src, lambda ls: ls) == [b"new"]
 
 
@@ -143,8 +142,8 @@ def test_missing_file_is_a_clear_failure_until_it_appears(tmp_path):
     with pytest.raises(SourceFailure) as info:
         src.read(0.01)
     assert info.value.reason == "not_found" and "server.log" in str(info.value)
-    LogFile(tmp_path / "server.log").write(["already there"])
-    assert drain(src) == []  # appeared: from its end, as on a first start
+    LogFile(tmp_path / "server.log").write(["written after the exporter started"])
+    assert drain(src, lambda ls: ls) == [b"written after the exporter started"]  # all of it is new
 
 
 def test_long_and_invalid_lines_pass_as_bytes(logfile):

@@ -261,3 +261,45 @@ def test_traffic_and_runner_metrics_pass_promtool_and_openmetrics(promtool):
                   code="499") == 1
     assert sample(decoded, "ollama_exporter_log_lines_total", result="malformed") == 1
     assert "x=1" not in decoded and OWN not in decoded  # no query strings, no client addresses
+
+
+def test_reload_starts_switches_and_stops_the_logs_source(tmp_path):
+    """SIGHUP with other logs.* settings: the old follower checkpoints, the new one starts from its state."""
+    import signal
+
+    import yaml
+
+    first, second = LogFile(tmp_path / "a.log"), LogFile(tmp_path / "b.log")
+    config = tmp_path / "config.yml"
+    state = str(tmp_path / "logs-state.json")
+
+    def configure(logs: dict) -> None:
+        config.write_text(yaml.safe_dump({"ollama": {"url": fake.url}, "poll": {"interval": "300ms"},
+                                          "probes": {"enabled": False}, "logs": logs}))
+
+    with FakeOllama() as fake:
+        configure({"source": "none"})
+        exp = Exporter("--config.file", str(config)).wait_ready()
+        try:
+            assert sample(exp.metrics(), "ollama_exporter_source_up", source="logs") is None
+            configure({"source": "file", "path": str(first.path), "state_file": state})
+            exp.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: sample(exp.metrics(), "ollama_exporter_source_up", source="logs") == 1,
+                     message="logs source started by the reload")
+            first.write([gin_line(200, 0.1)] * 2)
+            wait_for(lambda: counted(exp, "/api/chat") == 2, message="2 requests from the first file")
+            configure({"source": "file", "path": str(second.path), "state_file": state})
+            exp.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: any(r["msg"] == "log source changed since the state was saved, starting at its end"
+                                 for r in exp.log_records()), message="the switch")
+            second.write([gin_line(200, 0.1)] * 3)
+            first.write([gin_line(200, 0.1)] * 5)  # no longer followed
+            wait_for(lambda: counted(exp, "/api/chat") == 5, message="the counters go on with the second file")
+            time.sleep(0.5)
+            assert counted(exp, "/api/chat") == 5
+            configure({"source": "none"})
+            exp.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: sample(exp.metrics(), "ollama_exporter_source_up", source="logs") is None,
+                     message="logs source stopped")
+        finally:
+            exp.stop()
