@@ -44,6 +44,7 @@ class LogFollower:
         self._errors: Counter = Counter(dict.fromkeys(LOG_ERROR_REASONS, 0))
         self._status = SourceStatus("logs", False, 0.0, None, "not_found", "not started")
         self._failing: Optional[str] = None
+        self._touched = False  # the counters changed outside the thread (a model forgotten): commit them
 
     # --- lifecycle ---
 
@@ -90,6 +91,10 @@ class LogFollower:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def touch(self) -> None:
+        """The statistics changed without a new line (models forgotten): publish them at the next commit."""
+        self._touched = True
+
     # --- what the poller reads ---
 
     def value(self) -> TrafficValue:
@@ -132,7 +137,8 @@ class LogFollower:
                 if batch.caught_up:
                     self.stats.caught_up(batch.read_at)
                 self._ok(time.monotonic() - started)
-                if dirty and self.clock() - last_commit >= self.commit_interval:
+                if (dirty or self._touched) and self.clock() - last_commit >= self.commit_interval:
+                    self._touched = False
                     self.commit()
                     dirty, last_commit = False, self.clock()
         finally:

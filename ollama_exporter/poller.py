@@ -280,7 +280,8 @@ class Poller:
                    installed: tuple[InstalledModel, ...], runner_state: Optional[RunnersState]) -> None:
         """Tell the log statistics what this poll saw, for attributing llama-server lines to models."""
         stats = self.logs.stats
-        stats.forget_models(self._known_models())
+        if stats.forget_models(self._known_models()):
+            self.logs.touch()
         if loaded is None:
             return  # /api/ps failed: nothing is known about the runners
         names_by_blob: dict[str, list[str]] = {}

@@ -9,7 +9,8 @@ runner of v0.4-v0.24, MLX) have nothing safe to read; they are asked /health onc
 
 Never /metrics (reading it resets the gauges behind it) and nothing that writes. One request in flight
 per runner: a runner still answering the previous poll (a long prefill can hold /slots for seconds) is
-reported as a timeout for that poll, never as zero busy slots.
+reported as a timeout for that poll, never as zero busy slots, and is not asked again until it has
+answered the request the poll gave up on (or HOLD_SECONDS passed).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from ollama_exporter import runners
 from ollama_exporter.snapshot import InstalledModel, LoadedModel
 
 MAX_BODY = 4 * 1024 * 1024
+# How long a request to a runner is left to answer after its poll gave up on it. Until then it counts as
+# in flight and the runner is not asked again: a runner that is slow to answer (a long prefill holds its
+# loop) never sees a pile of abandoned requests.
+HOLD_SECONDS = 30.0
 LLAMA_SERVER, OLD_RUNNER, UNSUPPORTED = "llama-server", "ollama_llama_server", "unsupported"
 
 
@@ -201,7 +206,7 @@ class RunnerSource:
 
     def _llama_server(self, model: str, runner: _Runner) -> RunnerSample:
         if runner.total_slots is None:
-            status, props = get_json(runner.port, "/props", self.timeout)
+            status, props = get_json(runner.port, "/props", HOLD_SECONDS)
             _check(status, "/props", runner.port)
             if not isinstance(props, dict):
                 raise RunnerError("invalid_response", f"/props on port {runner.port}: not a JSON object")
@@ -211,7 +216,7 @@ class RunnerSource:
         base = RunnerSample(model, runner.pid, runner.port, runner.kind, slots=runner.total_slots or None)
         if not runner.slots_endpoint:  # the operator set LLAMA_ARG_ENDPOINT_SLOTS=0: capacity only
             return base
-        status, body = get_json(runner.port, "/slots", self.timeout)
+        status, body = get_json(runner.port, "/slots", HOLD_SECONDS)
         if status in (404, 501):  # /slots turned off
             runner.slots_endpoint = False
             return base
@@ -223,7 +228,7 @@ class RunnerSource:
                             busy=sum(1 for s in slots if s.busy), slot_states=slots)
 
     def _old_runner(self, model: str, runner: _Runner) -> Optional[RunnerSample]:
-        status, body = get_json(runner.port, "/health", self.timeout)
+        status, body = get_json(runner.port, "/health", HOLD_SECONDS)
         if status == 503:  # still loading: nothing to say yet
             return None
         _check(status, "/health", runner.port)

@@ -213,16 +213,19 @@ class TrafficStats:
                 if view.slots:
                     self._join(view)
 
-    def forget_models(self, installed: Optional[set]) -> None:
-        """Drop the series of models no longer installed (None: /api/tags never answered, keep all)."""
+    def forget_models(self, installed: Optional[set]) -> bool:
+        """Drop the series of models no longer installed (None: /api/tags never answered, keep all); True
+        when something was dropped."""
         if installed is None:
-            return
-        keep = set(installed) | {UNATTRIBUTED}
+            return False
+        keep, dropped = set(installed) | {UNATTRIBUTED}, False
         with self._lock:
             for name in _PER_MODEL:
                 table = getattr(self._c, name)
                 for labels in [k for k in table if (k[0] if isinstance(k, tuple) else k) not in keep]:
                     del table[labels]
+                    dropped = True
+        return dropped
 
     # --- output ---
 

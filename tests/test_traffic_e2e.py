@@ -303,3 +303,23 @@ def test_reload_starts_switches_and_stops_the_logs_source(tmp_path):
                      message="logs source stopped")
         finally:
             exp.stop()
+
+
+def test_a_deleted_model_loses_its_traffic_series(tmp_path):
+    log = LogFile(tmp_path / "server.log")
+    with FakeOllama() as fake:
+        fake.add_model(MODEL, blob_digest=BLOB)
+        fake.load(MODEL)
+        follower = LogFollower(FileSource(str(log.path), poll_interval=0.02), TrafficStats(OWN), None,
+                               commit_interval=0.05).start()
+        try:
+            poller = Poller(OllamaClient(fake.url, 2.0), 1.0, logs=follower)
+            poller.poll_once()
+            log.write(load_lines(BLOB, 40001, MODEL, runners=1) + request_lines(0, 1, generated=3))
+            wait_for(lambda: follower.value().generated_tokens == {MODEL: 3}, message="tokens of the model")
+            fake.remove_model(MODEL)
+            poller.poll_once()
+            wait_for(lambda: poller.poll_once().traffic.generated_tokens == {}, message="its series gone")
+            assert MODEL not in poller.snapshot.traffic.load_durations
+        finally:
+            follower.stop()
