@@ -88,8 +88,11 @@ def test_alerts_fire_and_resolve_and_every_dashboard_query_has_data(stack):
     wait_for(lambda: prom.query('ollama_probes_total{model="qwen3:32b"} >= 3')
              and prom.query('ollama_request_generated_tokens_total > 0')
              and prom.query("instance_model:ollama_probe_duration_seconds:p99_5m")
-             and prom.query("instance_gpu:ollama_gpu_memory_used:ratio"),
-             timeout=60, message="probe and GPU data in Prometheus")
+             and prom.query("instance_gpu:ollama_gpu_memory_used:ratio")
+             # both jobs scraped often enough for rate() over the dashboard's 1m window
+             and all(prom.query(f'rate(ollama_exporter_source_errors_total{{job="{job}"}}[1m])')
+                     for job in ("ollama", "gpu-fleet")),
+             timeout=60, message="probe and GPU data in Prometheus, from both jobs")
 
     # a healthy system: every panel of both dashboards shows data, and their variables have values
     boards = [dashboard.load()]
