@@ -305,7 +305,9 @@ def test_reload_starts_switches_and_stops_the_logs_source(tmp_path):
             exp.stop()
 
 
-def test_a_deleted_model_loses_its_traffic_series(tmp_path):
+def test_a_forgotten_model_loses_its_traffic_series(tmp_path):
+    """Like every per-model counter: once a model has been in neither /api/tags nor /api/ps for
+    poll.forget_after, its traffic series go, from /metrics and from the state file."""
     log = LogFile(tmp_path / "server.log")
     with FakeOllama() as fake:
         fake.add_model(MODEL, blob_digest=BLOB)
@@ -313,13 +315,29 @@ def test_a_deleted_model_loses_its_traffic_series(tmp_path):
         follower = LogFollower(FileSource(str(log.path), poll_interval=0.02), TrafficStats(OWN), None,
                                commit_interval=0.05).start()
         try:
-            poller = Poller(OllamaClient(fake.url, 2.0), 1.0, logs=follower)
+            poller = Poller(OllamaClient(fake.url, 2.0), 1.0, logs=follower, forget_after=0.5)
             poller.poll_once()
             log.write(load_lines(BLOB, 40001, MODEL, runners=1) + request_lines(0, 1, generated=3))
             wait_for(lambda: follower.value().generated_tokens == {MODEL: 3}, message="tokens of the model")
             fake.remove_model(MODEL)
             poller.poll_once()
+            assert poller.poll_once().traffic.generated_tokens == {MODEL: 3}  # not gone for long enough yet
+            time.sleep(0.6)
             wait_for(lambda: poller.poll_once().traffic.generated_tokens == {}, message="its series gone")
             assert MODEL not in poller.snapshot.traffic.load_durations
         finally:
             follower.stop()
+
+
+def test_counters_restored_at_start_survive_an_ollama_that_is_down(tmp_path):
+    """Nothing is known gone before /api/tags has answered once: the restored per-model counters stay."""
+    log = LogFile(tmp_path / "server.log")
+    stats = TrafficStats(OWN)
+    stats.feed_many(line.encode() for line in load_lines(BLOB, 40001, MODEL, runners=1) + request_lines(0, 1))
+    with FakeOllama() as fake:
+        fake.refuse_connections()
+        follower = LogFollower(FileSource(str(log.path)), stats, None)
+        poller = Poller(OllamaClient(fake.url, 0.5), 1.0, logs=follower, forget_after=0.01)
+        time.sleep(0.05)
+        snapshot = poller.poll_once()
+        assert not snapshot.up and snapshot.traffic.generated_tokens == {MODEL: 53}
