@@ -16,6 +16,7 @@ import fnmatch
 import ipaddress
 import os
 import re
+import shlex
 import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -29,6 +30,7 @@ LOG_FORMATS = ("logfmt", "json")
 API_SOURCES = ("version", "ps", "tags", "show")
 ENV_PREFIX = "OLLAMA_EXPORTER_"
 MAX_FILE_BYTES = 1024 * 1024  # a config file is a few hundred bytes; refuse to read a runaway one
+LOG_SOURCES = ("none", "journald", "file", "stdin", "command")
 
 
 class ConfigError(Exception):
@@ -76,6 +78,12 @@ class Config:
     multi_target_allow: tuple[str, ...] = ()
     multi_target_modules: tuple[Module, ...] = (DEFAULT_MODULE,)
     multi_target_cache_size: int = 100
+    logs_source: str = "none"
+    logs_path: Optional[str] = None
+    logs_unit: str = "ollama"
+    logs_command: tuple[str, ...] = ()
+    logs_state_file: Optional[str] = None
+    runners_enabled: str = "auto"
 
     @property
     def listen(self) -> list[tuple[str, int]]:
@@ -297,6 +305,19 @@ def _parse_modules(key: str, value: Any) -> tuple[Module, ...]:
     return tuple(modules.values())
 
 
+def _parse_argv(key: str, value: Any) -> tuple[str, ...]:
+    """A command as a YAML list of arguments, or one string split like a shell would (the flag's form)."""
+    if isinstance(value, str):
+        try:
+            value = shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: invalid command {value!r}: {exc}") from None
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
+        raise ConfigError(f"{key}: invalid value {value!r}: expected a command as a list such as "
+                          "[docker, logs, --follow, --since, 0s, ollama]")
+    return tuple(value)
+
+
 def url_from_ollama_host(value: str) -> str:
     """Read OLLAMA_HOST the way Ollama's own CLI does (envconfig.Host).
 
@@ -413,8 +434,9 @@ KEYS: tuple[Key, ...] = (
         "skip: probe a model with a finite keep_alive only after real traffic used it; probe: every interval "
         "(keeps idle models loaded). Default: skip.", "skip|probe"),
     Key("probes.forwarded_for", "probes_forwarded_for", _parse_ip,
-        "X-Forwarded-For every probe request carries, so proxies and traffic accounting can tell probes from "
-        "users. Default: 192.0.2.1 (RFC 5737 TEST-NET-1).", "IP"),
+        "X-Forwarded-For every request to Ollama carries (probes and polls), so Ollama's access log (the logs "
+        "source), proxies and traffic accounting can tell the exporter from users. Default: 192.0.2.1 "
+        "(RFC 5737 TEST-NET-1).", "IP"),
     Key("multi_target.allow", "multi_target_allow", _parse_allow,
         "Targets /probe may scrape: glob patterns matched against the target URL. Empty: /probe refuses all.",
         file_only=True),
@@ -422,6 +444,22 @@ KEYS: tuple[Key, ...] = (
         "Per-target settings for /probe?module=NAME: timeout, sources, probes.", file_only=True),
     Key("multi_target.cache_size", "multi_target_cache_size", _parse_int(1, 10_000),
         "Targets whose /api/show answers are kept (least recently scraped dropped first). Default: 100.", "N"),
+    Key("logs.source", "logs_source", _parse_choice(LOG_SOURCES),
+        "Where to read Ollama's log for real-traffic metrics: none, journald, file, stdin or command. "
+        "Default: none.", "|".join(LOG_SOURCES)),
+    Key("logs.path", "logs_path", _parse_text,
+        "Ollama's log file, for logs.source file (e.g. ~/.ollama/logs/server.log).", "FILE"),
+    Key("logs.unit", "logs_unit", _parse_text,
+        "systemd unit whose journal holds Ollama's log, for logs.source journald. Default: ollama.", "UNIT"),
+    Key("logs.command", "logs_command", _parse_argv,
+        "Command whose standard output is Ollama's log, for logs.source command (a list in the file, "
+        "a shell-quoted string as a flag).", "COMMAND"),
+    Key("logs.state_file", "logs_state_file", _parse_text,
+        "Where the log position and counters are kept across restarts. Default: logs-state.json in "
+        "$STATE_DIRECTORY (systemd StateDirectory=), else memory only.", "FILE"),
+    Key("runners.enabled", "runners_enabled", _parse_auto_bool,
+        "Read slot use from each loaded model's runner (llama-server /slots, read-only): auto, true or "
+        "false. Default: auto.", "auto|true|false"),
 )
 KEYS_BY_NAME = {k.name: k for k in KEYS}
 
@@ -523,7 +561,12 @@ def build_config(
         if value is not None and value != ():
             raw[name] = (name, value)
     values = {KEYS_BY_NAME[name].field: KEYS_BY_NAME[name].parse(source, value) for name, (source, value) in raw.items()}
-    return dataclasses.replace(Config(), **values)
+    config = dataclasses.replace(Config(), **values)
+    if config.logs_source == "file" and not config.logs_path:
+        raise ConfigError("logs.path: required when logs.source is file (the path of Ollama's log file)")
+    if config.logs_source == "command" and not config.logs_command:
+        raise ConfigError("logs.command: required when logs.source is command (the command that prints the log)")
+    return config
 
 
 def config_file_from(flag_value: Optional[str], environ: Optional[Mapping[str, str]] = None) -> Optional[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import resource
 import signal
 import threading
@@ -22,9 +23,13 @@ from ollama_exporter import __version__, logformat
 from ollama_exporter.config import Config, ConfigError, build_config, redact_url
 from ollama_exporter.exposition import Exposition, render
 from ollama_exporter.gpu import GpuSource
+from ollama_exporter.logfollow import LogFollower
+from ollama_exporter.logsources import FileSource, JournaldSource, PipeSource
+from ollama_exporter.logstate import StateFile, default_state_path
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
 from ollama_exporter.prober import Prober
+from ollama_exporter.runner_slots import RunnerSource
 from ollama_exporter.server import Request, Response, Server, bind
 from ollama_exporter.snapshot import GpuState, ReloadStatus, SourceError
 from ollama_exporter.webconfig import WebConfig, load_web_config
@@ -53,7 +58,41 @@ def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuSt
 
 
 def make_client(config: Config) -> OllamaClient:
-    return OllamaClient(config.ollama_url, config.ollama_timeout, config.ollama_max_models)
+    """The Ollama client; every request carries X-Forwarded-For probes.forwarded_for, which Ollama's gin
+    access log prints as the client, so the logs source can tell the exporter's requests from users'."""
+    client = OllamaClient(config.ollama_url, config.ollama_timeout, config.ollama_max_models)
+    client.http.headers["X-Forwarded-For"] = config.probes_forwarded_for
+    return client
+
+
+def make_runner_source(config: Config) -> Optional[RunnerSource]:
+    """The runners source (slots per model from each runner), unless runners.enabled is false."""
+    return RunnerSource(min(1.0, config.ollama_timeout)) if config.runners_enabled != "false" else None
+
+
+LOGS_KEYS = ("logs_source", "logs_path", "logs_unit", "logs_command", "logs_state_file", "probes_forwarded_for")
+
+
+def make_log_follower(config: Config) -> Optional[LogFollower]:
+    """The logs source for logs.source (None when it is none); not started yet."""
+    from ollama_exporter.traffic import TrafficStats
+
+    if config.logs_source == "none":
+        return None
+    if config.logs_source == "file":
+        source = FileSource(config.logs_path)
+    elif config.logs_source == "journald":
+        source = JournaldSource(config.logs_unit)
+    elif config.logs_source == "command":
+        source = PipeSource(config.logs_command)
+    else:
+        source = PipeSource()
+    path = config.logs_state_file or default_state_path(os.environ)
+    if path is None:
+        log.warning("log position and counters kept in memory only", extra={
+            "reason": "no logs.state_file and no $STATE_DIRECTORY", "error": "after a restart, counting starts "
+            "at zero from the end of the log"})
+    return LogFollower(source, TrafficStats(config.probes_forwarded_for), StateFile(path) if path else None)
 
 
 def check_config(config: Config) -> str:
@@ -67,7 +106,8 @@ def check_config(config: Config) -> str:
 def poll_once(config: Config) -> bytes:
     """--once: one poll, rendered as the text format (no runtime metrics)."""
     gpu, gpu_off = make_gpu_source(config)
-    poller = Poller(make_client(config), config.poll_interval, gpu=gpu, gpu_off_state=gpu_off)
+    poller = Poller(make_client(config), config.poll_interval, gpu=gpu, gpu_off_state=gpu_off,
+                    runner_source=make_runner_source(config), runners_required=config.runners_enabled == "true")
     poller.settle_shows = True
     body, _ = render(poller.poll_once())
     return body
@@ -106,7 +146,9 @@ class Daemon:
         self.exposition = Exposition(runtime_metrics=not config.web_disable_exporter_metrics)
         gpu, gpu_off = make_gpu_source(config)
         self.poller = Poller(self.now.client, config.poll_interval, gpu=gpu, gpu_off_state=gpu_off,
-                             forget_after=config.poll_forget_after)
+                             forget_after=config.poll_forget_after, logs=make_log_follower(config),
+                             runner_source=make_runner_source(config),
+                             runners_required=config.runners_enabled == "true")
         self.poller.reload_status = ReloadStatus(True, time.time())
         self.poller.subscribe(self.exposition.update)
         self.prober: Optional[Prober] = None
@@ -127,6 +169,8 @@ class Daemon:
                 for sock in sockets:
                     sock.close()
                 raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        if self.poller.logs is not None:
+            self.poller.logs.start()
         threading.Thread(target=self.poller.run, args=(self.stop,), name="poller", daemon=True).start()
         self._apply_probes(config)
         self.server = Server(self, sockets)
@@ -149,6 +193,8 @@ class Daemon:
             self._prober_stop.set()
         if self.server is not None:
             self.server.stop()
+        if self.poller.logs is not None:
+            self.poller.logs.stop()  # writes the last checkpoint: a restart goes on from exactly here
 
     # --- what the HTTP server asks of the daemon ---
 
@@ -207,15 +253,29 @@ class Daemon:
         if config.gpu_enabled != old.gpu_enabled:
             self.poller.gpu, self.poller.gpu_off_state = make_gpu_source(config)
         client = self.now.client
-        if (config.ollama_url, config.ollama_timeout, config.ollama_max_models) != \
-                (old.ollama_url, old.ollama_timeout, old.ollama_max_models):
+        if (config.ollama_url, config.ollama_timeout, config.ollama_max_models, config.probes_forwarded_for) != \
+                (old.ollama_url, old.ollama_timeout, old.ollama_max_models, old.probes_forwarded_for):
             client = make_client(config)
+        if [getattr(config, k) for k in LOGS_KEYS] != [getattr(old, k) for k in LOGS_KEYS]:
+            self._apply_logs(config)
+        if (config.runners_enabled, config.ollama_timeout) != (old.runners_enabled, old.ollama_timeout):
+            self.poller.runner_source = make_runner_source(config)
+            self.poller.runners_required = config.runners_enabled == "true"
         logformat.setup(config.log_level, config.log_format)
         self.exposition.runtime_metrics = not config.web_disable_exporter_metrics
         self.now = _Running(config, client, web)
         self.poller.client, self.poller.interval = client, config.poll_interval
         self.poller.forget_after = config.poll_forget_after
         self._apply_probes(config)
+
+    def _apply_logs(self, config: Config) -> None:
+        """Another log source: the old follower writes its last checkpoint, the new one starts from its own."""
+        old = self.poller.logs
+        if old is not None:
+            old.stop()
+        self.poller.logs = make_log_follower(config)
+        if self.poller.logs is not None:
+            self.poller.logs.start()
 
     def _apply_probes(self, config: Config) -> None:
         """Start, stop or reconfigure the prober to match `config`."""

@@ -201,6 +201,68 @@ DEFS = {d.name: d for d in (
         (M,)),
     Def("ollama_probe_last_timestamp_seconds", "gauge",
         "When the last probe (/api/generate or /api/embed) of the model finished.", (M,)),
+    # real traffic from Ollama's own log (logs source: logparse, traffic)
+    Def("ollama_http_requests_total", "counter",
+        "Requests Ollama served, from its gin access log line (every version); route is the registered route "
+        "or `other` (query strings dropped). The exporter's own requests are not included.",
+        ("route", "method", "code")),
+    Def("ollama_http_request_duration_seconds", "histogram",
+        "End-to-end time of each request from the gin access log line: queueing, model load, prompt and the "
+        "whole stream (above a minute gin prints whole seconds).", ("route", "code_class")),
+    Def("ollama_http_exporter_requests_total", "counter",
+        "The exporter's own requests (probes and polls): gin access log lines whose client is "
+        "probes.forwarded_for, the X-Forwarded-For the exporter sends.", ("route", "code")),
+    Def("ollama_http_client_disconnects_total", "counter",
+        "Clients that gave up: scheduling_or_load (gin 499: while the request was scheduled or its model "
+        "loaded), waiting_for_slot (slog `aborting ... due to client closing the connection`).", ("stage",)),
+    Def("ollama_model_load_duration_seconds", "histogram",
+        "Model load time: the first `llama-server started in N seconds` (`llama runner started in`) after "
+        "each runner start line.", (M,)),
+    Def("ollama_model_load_failures_total", "counter",
+        "Failed model loads (`Load failed`, `error loading llama server`, a client leaving during the load) by "
+        "reason: oom, timeout, client_gone, other.", (M, "reason")),
+    Def("ollama_runner_crashes_total", "counter",
+        "Runners that died (`llama-server terminated`, `llama runner terminated`).", (M,)),
+    Def("ollama_runtime_oom_events_total", "counter",
+        "Runtime out-of-memory events (`runtime OOM detected`, v0.30+): Ollama then unloads every model."),
+    Def("ollama_prompt_truncations_total", "counter",
+        "Prompts longer than the context, cut by Ollama (`truncating input prompt`)."),
+    Def("ollama_request_prompt_tokens_total", "counter",
+        "Prompt tokens of finished requests, from llama-server's lines (v0.30+): cache=miss were processed "
+        "(`prompt eval time ... / N tokens`), cache=hit came from the prompt cache (`task.n_tokens` - N). "
+        "Includes the exporter's probes.", (M, "cache")),
+    Def("ollama_request_generated_tokens_total", "counter",
+        "Generated tokens of finished requests, from llama-server's `eval time ... / N tokens` (v0.30+). "
+        "Includes the exporter's probes.", (M,)),
+    Def("ollama_request_prefill_duration_seconds", "histogram",
+        "Server-side prompt processing time per request, llama-server's `prompt eval time` (v0.30+): no "
+        "queueing, load or template time.", (M,)),
+    Def("ollama_request_time_per_output_token_seconds", "histogram",
+        "Server-side decode time per generated token per request, llama-server's `eval time` / tokens (v0.30+).",
+        (M,)),
+    Def("ollama_request_completions_total", "counter",
+        "Requests a runner finished normally (timings printed, then `stop processing`), by whether the context "
+        "was truncated (v0.30+).", (M, "truncated")),
+    Def("ollama_request_untimed_total", "counter",
+        "Requests a runner ended (`stop processing`) without printing timings first (v0.30+): embeddings, and "
+        "generations stopped early because the client went away.", (M,)),
+    Def("ollama_exporter_log_lines_total", "counter",
+        "Log lines read by result: parsed (an event), ignored (nothing to count), malformed (a known format "
+        "that did not parse, or a line over 64 KiB: growth means the format changed).", ("result",)),
+    Def("ollama_exporter_log_lines_dropped_total", "counter",
+        "Log lines lost before parsing: overflow (the exporter fell behind a pipe), journal_rate_limit "
+        "(journald's `Suppressed N messages`).", ("reason",)),
+    # runner slots (runners source: runner_slots)
+    Def("ollama_runner_slots", "gauge",
+        "Parallel request slots of the model's runner: llama-server /slots (or /props total_slots), v0.30+; "
+        "/health slots_idle + slots_processing, v0.1.32-v0.3.x.", (M,)),
+    Def("ollama_runner_slots_busy", "gauge",
+        "Slots processing a request (running requests): /slots is_processing, or /health slots_processing.", (M,)),
+    Def("ollama_runner_slot_context_tokens", "gauge", "Context size of one slot, from /slots n_ctx.", (M, "slot")),
+    Def("ollama_runner_slot_context_used_tokens", "gauge",
+        "Context used by the request in one slot, from /slots n_past (or n_prompt_tokens + n_decoded); 0 when "
+        "idle.",
+        (M, "slot")),
     Def("ollama_exporter_gpu_processes_unattributed", "gauge",
         "GPU compute processes not attributed to a model, by reason: unreadable (no /proc/<pid>/cmdline, e.g. "
         "another PID namespace), loading (runner not in /api/ps yet), other (not an Ollama runner).", ("reason",)),
@@ -225,6 +287,10 @@ def collect(snapshot: Snapshot) -> Iterator[Family]:
         yield from _gpu(snapshot)
     if snapshot.probes is not None:
         yield from _probes(snapshot)
+    if snapshot.traffic is not None:
+        yield from _traffic(snapshot.traffic)
+    if snapshot.runners is not None:
+        yield from _runners(snapshot.runners)
 
 
 def _server(s: Snapshot) -> Iterable[Family]:
@@ -386,3 +452,53 @@ def _probes(s: Snapshot) -> Iterable[Family]:
             f["ollama_probe_success"].add(m, 1.0 if p.last_success else 0.0)
             f["ollama_probe_last_timestamp_seconds"].add(m, p.last_timestamp)
     return list(f.values())
+
+
+# (metric, TrafficValue attribute) of the log's counters and histograms, each keyed by its label tuple
+_TRAFFIC_COUNTERS = (
+    ("ollama_http_requests_total", "requests"), ("ollama_http_exporter_requests_total", "own_requests"),
+    ("ollama_http_client_disconnects_total", "disconnects"), ("ollama_model_load_failures_total", "load_failures"),
+    ("ollama_runner_crashes_total", "runner_crashes"), ("ollama_request_prompt_tokens_total", "prompt_tokens"),
+    ("ollama_request_generated_tokens_total", "generated_tokens"),
+    ("ollama_request_completions_total", "completions"), ("ollama_request_untimed_total", "without_timings"),
+    ("ollama_exporter_log_lines_total", "lines"), ("ollama_exporter_log_lines_dropped_total", "dropped"),
+)
+_TRAFFIC_HISTOGRAMS = (
+    ("ollama_http_request_duration_seconds", "durations"), ("ollama_model_load_duration_seconds", "load_durations"),
+    ("ollama_request_prefill_duration_seconds", "prefill"),
+    ("ollama_request_time_per_output_token_seconds", "tpot"),
+)
+
+
+def _label_list(key) -> tuple[str, ...]:
+    return tuple(key) if isinstance(key, tuple) else (key,)
+
+
+def _traffic(t) -> Iterable[Family]:
+    families = []
+    for name, attr in _TRAFFIC_COUNTERS + _TRAFFIC_HISTOGRAMS:
+        family = DEFS[name].family()
+        for key, value in sorted(getattr(t, attr).items()):
+            family.add(_label_list(key), value)
+        families.append(family)
+    oom, truncations = _families("ollama_runtime_oom_events_total", "ollama_prompt_truncations_total")
+    oom.add((), t.runtime_ooms)
+    truncations.add((), t.prompt_truncations)
+    return families + [oom, truncations]
+
+
+def _runners(r) -> Iterable[Family]:
+    slots, busy, ctx, used = _families("ollama_runner_slots", "ollama_runner_slots_busy",
+                                       "ollama_runner_slot_context_tokens", "ollama_runner_slot_context_used_tokens")
+    for sample in r.runners:
+        m = (sample.model,)
+        if sample.slots is not None:
+            slots.add(m, sample.slots)
+        if sample.busy is not None:
+            busy.add(m, sample.busy)
+        for slot in sample.slot_states:
+            if slot.context_tokens is not None:
+                ctx.add(m + (str(slot.id),), slot.context_tokens)
+            if slot.used_tokens is not None:
+                used.add(m + (str(slot.id),), slot.used_tokens)
+    return slots, busy, ctx, used

@@ -26,7 +26,9 @@ from typing import Any, Callable, Mapping, Optional
 
 from ollama_exporter import runners
 from ollama_exporter.gpu import GpuSource
+from ollama_exporter.logfollow import LogFollower
 from ollama_exporter.ollama import DROP_REASONS, OllamaClient, Rows
+from ollama_exporter.runner_slots import RunnerSource, RunnersState
 from ollama_exporter.showcache import ShowCache
 from ollama_exporter.snapshot import (
     ERROR_REASONS,
@@ -45,7 +47,7 @@ from ollama_exporter.snapshot import (
 log = logging.getLogger(__name__)
 
 API_SOURCES = ("version", "ps", "tags", "show")  # Ollama's endpoints; "show" covers every /api/show call
-SOURCES = API_SOURCES + ("gpu",)
+SOURCES = API_SOURCES + ("gpu", "runners")
 SHOW_CONCURRENCY = 4
 _SHOW_POOL: Optional[ThreadPoolExecutor] = None
 
@@ -109,9 +111,14 @@ class Poller:
     def __init__(self, client: OllamaClient, interval: float, clock: Callable[[], float] = time.time,
                  gpu: Optional[GpuSource] = None, gpu_off_state: Optional[GpuState] = None,
                  probe_stats: Optional[Callable[[set], Mapping]] = None, forget_after: float = 3600.0,
-                 pool: Optional[Executor] = None):
+                 pool: Optional[Executor] = None,
+                 logs: Optional[LogFollower] = None,
+                 runner_source: Optional[RunnerSource] = None, runners_required: bool = False):
         self.client = client
         self.probe_stats = probe_stats  # prober.Prober.stats, copied into each snapshot
+        self.logs = logs  # the logs source: its published counters are copied into each snapshot
+        self.runner_source = runner_source  # sampled once per poll, after /api/ps
+        self.runners_required = runners_required  # runners.enabled true: report the source even with no runner
         self.interval = interval
         self.forget_after = forget_after
         self.clock = clock
@@ -129,6 +136,8 @@ class Poller:
         self._errors: Counter = Counter({(s, r): 0 for s in API_SOURCES for r in ERROR_REASONS})
         if gpu is not None:
             self._errors.update({("gpu", r): 0 for r in GPU_ERROR_REASONS})
+        if runner_source is not None:
+            self._errors.update({("runners", r): 0 for r in ERROR_REASONS})
         self._loads: Counter = Counter()
         self._unloads: Counter = Counter()
         self._downgrades: Counter = Counter()
@@ -171,6 +180,8 @@ class Poller:
             self._wake.clear()
 
     def poll_once(self) -> Snapshot:
+        mark = self.logs.stats.poll_mark() if self.logs is not None else -1
+        started = time.time()  # wall clock, as the log sources stamp their reads
         deadline = time.monotonic() + self.client.timeout + 0.5
         calls = {
             "version": _Call("version", self.client.version, self._busy),
@@ -204,6 +215,10 @@ class Poller:
         self._remember(now, [m.name for m in installed] if outcomes["tags"].error is None else [],
                        [m.name for m in loaded])
 
+        runner_state = self._sample_runners(loaded, installed) if outcomes["ps"].error is None else None
+        if self.logs is not None:
+            self._feed_logs(mark, started, loaded if outcomes["ps"].error is None else None, installed, runner_state)
+
         gpu = self._gpu_state(outcomes.get("gpu"))
         model_gpu, unattributed = (), {}
         if gpu is not None and gpu.nvml_up and outcomes["ps"].error is None:
@@ -217,17 +232,21 @@ class Poller:
             version=self._version,
             installed=installed,
             loaded=loaded,
-            sources=tuple(self._status[s] for s in SOURCES if s in self._status),
+            sources=tuple(self._status[s] for s in SOURCES if s in self._status)
+            + ((self.logs.status(),) if self.logs is not None else ()),
             loads_total=frozen_map(self._loads),
             unloads_total=frozen_map(self._unloads),
             keep_alive_downgrades_total=frozen_map(self._downgrades),
-            errors_total=frozen_map(self._errors),
+            errors_total=frozen_map({**self._errors, **({("logs", r): n for r, n in self.logs.errors().items()}
+                                                        if self.logs is not None else {})}),
             dropped_total=frozen_map(self._dropped),
             gpu=gpu,
             model_gpu_memory=model_gpu,
             gpu_unattributed=frozen_map(unattributed),
             probes=self.probe_stats(set(self._seen)) if self.probe_stats else None,
             reload=self.reload_status,
+            traffic=self.logs.value() if self.logs is not None else None,
+            runners=runner_state,
         )
         self._snapshot = snapshot
         for listener in self._listeners:
@@ -235,6 +254,48 @@ class Poller:
         return snapshot
 
     # --- helpers ---
+
+    def _sample_runners(self, loaded: tuple[LoadedModel, ...], installed: tuple[InstalledModel, ...]
+                        ) -> Optional[RunnersState]:
+        """Each loaded model's runner slots; recorded as the `runners` source once a runner was seen."""
+        if self.runner_source is None:
+            return None
+        call = _Call("runners", lambda: self.runner_source.sample(loaded, installed), self._busy)
+        outcome = call.wait(time.monotonic() + self.runner_source.timeout + 0.5)
+        state: Optional[RunnersState] = outcome.value if outcome.error is None else None
+        if state is not None:
+            failed = next((r for r in state.runners if r.error), None)
+            if failed is not None:
+                outcome = Outcome(error=SourceError(failed.error, f"runner of {failed.model}: {failed.message}"),
+                                  duration=outcome.duration)
+            elif self.runners_required and loaded and not state.runners:
+                outcome = Outcome(error=SourceError("connection", "no runner process of a loaded model is visible "
+                                                    "(is Ollama in another PID namespace?)"), duration=outcome.duration)
+            elif not state.found and not self.runners_required and "runners" not in self._status:
+                return state  # auto, and no runner ever seen: nothing to report yet
+        self._record("runners", outcome, self.clock())
+        return state
+
+    def _feed_logs(self, mark: int, started: float, loaded: Optional[tuple[LoadedModel, ...]],
+                   installed: tuple[InstalledModel, ...], runner_state: Optional[RunnersState]) -> None:
+        """Tell the log statistics what this poll saw, for attributing llama-server lines to models."""
+        stats = self.logs.stats
+        if stats.forget_models(self._known_models()):
+            self.logs.touch()
+        if loaded is None:
+            return  # /api/ps failed: nothing is known about the runners
+        names_by_blob: dict[str, list[str]] = {}
+        for m in installed:
+            if m.show is not None and m.show.weights_blob:
+                names_by_blob.setdefault(m.show.weights_blob, []).append(m.name)
+        in_flight = runner_state.in_flight() if runner_state is not None else None
+        stats.observe_poll(mark, started, time.time(), [m.name for m in loaded], names_by_blob, in_flight)
+
+    def _known_models(self) -> Optional[set]:
+        """Models seen within poll.forget_after, or None while /api/tags has never answered (then nothing is
+        known gone: the log's counters restored at start survive an Ollama that is down)."""
+        tags = self._status.get("tags")
+        return set(self._seen) if tags and tags.last_success is not None else None
 
     def _gpu_state(self, outcome: Optional[Outcome]) -> Optional[GpuState]:
         """This poll's GPU state; after a failed sample, the GPUs last seen are reported down."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from ollama_exporter.config import Config
-from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
 from ollama_exporter.prober import MIN_VERSION, ProbeResult, Prober, parse_version, targets
 
@@ -47,7 +46,9 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 def run_probe_command(config: Config, models: tuple[str, ...], count: int, echo: Callable[[str], None]) -> int:
     """Probe and print; returns the exit status (0 all ok, 1 a probe failed or Ollama is unreachable)."""
-    client = OllamaClient(config.ollama_url, config.ollama_timeout, config.ollama_max_models)
+    from ollama_exporter.daemon import make_client  # marks its requests as the exporter's own, like the daemon's
+
+    client = make_client(config)
     poller = Poller(client, config.poll_interval)
     poller.settle_shows = True
     snapshot = poller.poll_once()

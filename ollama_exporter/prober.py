@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Optional
 
 from ollama_exporter.backoff import Backoff
 from ollama_exporter.config import Config
+from ollama_exporter.histogram import Histogram
 from ollama_exporter.ollama import OllamaClient, OllamaError
 from ollama_exporter.snapshot import HistogramValue, InstalledModel, LoadedModel, Snapshot
 
@@ -126,21 +127,6 @@ class ProbeResult:
     keep_alive_restored: bool = False
 
 
-class _Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets, self.counts, self.count, self.sum = buckets, [0] * len(buckets), 0, 0.0
-
-    def observe(self, value: float) -> None:
-        self.count += 1
-        self.sum += value
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def value(self) -> HistogramValue:
-        return HistogramValue(self.buckets, tuple(self.counts), self.count, self.sum)
-
-
 @dataclass(frozen=True)
 class ModelProbeStats:
     """Cumulative probe results for one model, as copied into a Snapshot."""
@@ -167,8 +153,8 @@ class ModelProbeStats:
 class _ModelStats:
     def __init__(self, kind: str = "generate"):
         self.kind = kind
-        self.ttft, self.tpot = _Histogram(DURATION_BUCKETS), _Histogram(TPOT_BUCKETS)
-        self.duration, self.queue_wait = _Histogram(DURATION_BUCKETS), _Histogram(QUEUE_WAIT_BUCKETS)
+        self.ttft, self.tpot = Histogram(DURATION_BUCKETS), Histogram(TPOT_BUCKETS)
+        self.duration, self.queue_wait = Histogram(DURATION_BUCKETS), Histogram(QUEUE_WAIT_BUCKETS)
         self.prompt_eval_tokens = self.eval_tokens = self.probes = self.caused_loads = self.keep_alive_restores = 0
         self.prompt_eval_seconds = self.eval_seconds = self.load_seconds = 0.0
         self.failures = {r: 0 for r in FAILURE_REASONS}

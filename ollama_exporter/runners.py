@@ -10,9 +10,10 @@ process is counted as unreadable and never guessed at.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter, defaultdict
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 from ollama_exporter.snapshot import GpuProcess, InstalledModel, LoadedModel, ModelGpuMemory
 
@@ -49,6 +50,41 @@ def model_ref(argv: list[str]) -> str:
     return ""
 
 
+def runner_port(argv: list[str]) -> Optional[int]:
+    """The loopback port a runner listens on (`--port N`, every generation), or None."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--port" and i + 1 < len(argv) else arg[7:] if arg.startswith("--port=") else None
+        if value is not None and value.isdigit() and 0 < int(value) < 65536:
+            return int(value)
+    return None
+
+
+def list_processes(proc: str = "/proc") -> Iterator[int]:
+    """PIDs visible in this PID namespace."""
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return
+    for name in names:
+        if name.isdigit():
+            yield int(name)
+
+
+def owners(loaded: Iterable[LoadedModel], installed: Iterable[InstalledModel]) -> dict[str, str]:
+    """Model ref ("blob:<hex>", "name:<model>") -> the /api/ps name of the loaded model it serves."""
+    blob_of = {m.digest: m.show.weights_blob for m in installed if m.show and m.show.weights_blob}
+    owner: dict[str, str] = {}
+    for m in loaded:
+        owner[f"name:{m.name}"] = m.name
+        if m.digest in blob_of:
+            owner[f"blob:{blob_of[m.digest]}"] = m.name
+    return owner
+
+
+def owner_of(ref: str, owner: Mapping[str, str]) -> Optional[str]:
+    return owner.get(ref) or owner.get(_with_latest(ref))
+
+
 def attribute(
     processes: Iterable[GpuProcess], loaded: Iterable[LoadedModel], installed: Iterable[InstalledModel]
 ) -> tuple[tuple[ModelGpuMemory, ...], dict[str, int]]:
@@ -57,21 +93,16 @@ def attribute(
     Unattributed reasons: "unreadable" (no cmdline), "loading" (a runner whose model is not in /api/ps
     yet), "other" (not an Ollama model runner).
     """
-    blob_of = {m.digest: m.show.weights_blob for m in installed if m.show and m.show.weights_blob}
-    owner: dict[str, str] = {}  # model ref -> the /api/ps name that owns that runner
-    for m in loaded:
-        owner[f"name:{m.name}"] = m.name
-        if m.digest in blob_of:
-            owner[f"blob:{blob_of[m.digest]}"] = m.name
+    owner = owners(loaded, installed)
     memory: dict[tuple[str, str, str], int] = defaultdict(int)
     unattributed: Counter = Counter({"unreadable": 0, "loading": 0, "other": 0})
     for p in processes:
+        name = owner_of(p.ref, owner) if p.ref else None
         if p.ref is None:
             unattributed["unreadable"] += 1
         elif not p.ref:
             unattributed["other"] += 1
-        elif p.ref in owner or _with_latest(p.ref) in owner:
-            name = owner.get(p.ref) or owner[_with_latest(p.ref)]
+        elif name is not None:
             memory[(name, p.gpu, p.uuid)] += p.used_bytes or 0
         else:
             unattributed["loading"] += 1

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
+
+if TYPE_CHECKING:  # the values are built there; this module only carries them
+    from ollama_exporter.runner_slots import RunnersState
+    from ollama_exporter.traffic import TrafficValue
 
 # Error reasons each source can report; small fixed sets so the errors counter stays bounded.
 ERROR_REASONS = ("timeout", "connection", "http_4xx", "http_5xx", "invalid_response")
@@ -228,6 +232,8 @@ class Snapshot:
     gpu_unattributed: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     probes: Optional[Mapping] = None  # model -> prober.ModelProbeStats; None: probes disabled
     reload: Optional[ReloadStatus] = None  # None outside the daemon (--once, the probe command)
+    traffic: Optional["TrafficValue"] = None  # counted from Ollama's log; None: logs source off
+    runners: Optional["RunnersState"] = None  # this poll's runner slots; None: runners source off
 
     @classmethod
     def empty(cls, timestamp: float = 0.0) -> "Snapshot":

@@ -79,8 +79,8 @@ class Exporter:
     of it is well-formed logfmt or JSON, so each test that runs the daemon also tests its logs."""
 
     def __init__(self, *args: str, host: str = "127.0.0.1", env: Optional[dict] = None, listen: bool = True,
-                 nofile: Optional[tuple[int, int]] = None):
-        self.port = free_port(host)
+                 nofile: Optional[tuple[int, int]] = None, port: Optional[int] = None):
+        self.port = port or free_port(host)  # the same port again: a restart Prometheus keeps scraping
         self.host = host
         bracketed = f"[{host}]" if ":" in host else host
         self.url = f"http://{bracketed}:{self.port}"
@@ -193,21 +193,19 @@ def nvml(tmp_path_factory):
 
 @pytest.fixture
 def runners():
-    """Four real processes whose command lines are Ollama runners, one per model in BLOBS."""
-    procs = []
+    """Four real processes whose command lines are Ollama runners, one per model in BLOBS: three v0.30+
+    llama-servers answering /props and /slots on their --port (tests/fakes/llama_server.py) and one
+    v0.5-v0.24 Go runner (`ollama runner --ollama-engine`), which has nothing to read."""
+    from tests.fakes.llama_server import FakeLlamaServer
+
+    fakes = []
     for i, (name, blob) in enumerate(BLOBS.items()):
-        argv0, extra = (("/usr/local/bin/ollama", ["runner", "--ollama-engine"]) if i == 1
-                        else ("/usr/local/lib/ollama/llama-server", []))
-        procs.append(subprocess.Popen(
-            [argv0, "-c", "import time; time.sleep(120)", *extra, "--model",
-             f"/usr/share/ollama/.ollama/models/blobs/sha256-{blob}", "--port", str(40000 + i)],
-            executable=sys.executable))
-    for p in procs:
-        wait_for(lambda: open(f"/proc/{p.pid}/cmdline", "rb").read(), message="runner cmdline")
-    yield [p.pid for p in procs]
-    for p in procs:
-        p.kill()
-        p.wait()
+        argv0, extra = (("/usr/local/bin/ollama", ("runner", "--ollama-engine")) if i == 1
+                        else ("/usr/local/lib/ollama/llama-server", ()))
+        fakes.append(FakeLlamaServer(blob, n_slots=2 if i == 0 else 1).start(argv0, extra))
+    yield [f.pid for f in fakes]
+    for f in fakes:
+        f.stop()
 
 
 @pytest.fixture

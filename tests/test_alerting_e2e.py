@@ -15,9 +15,12 @@ import yaml
 
 from ollama_exporter.mixin.config import DEFAULTS, MixinConfig, from_dict
 from ollama_exporter.mixin.rules import rule_groups
+import requests
+
 from tests.alertmanager import Alertmanager, WebhookReceiver
-from tests.conftest import REPO, wait_for
+from tests.conftest import BLOBS, REPO, wait_for
 from tests.fakes.nvml import two_gpu_box
+from tests.fakes.ollama_log import GinAccessLog, LogFile, load_lines, request_lines
 from tests.prometheus import Prometheus
 
 CUSTOM = REPO / "alerts" / "tests" / "custom-config.mixin.yml"
@@ -48,8 +51,12 @@ def stack(nvml, runners, ollama_with_models, exporter_factory, tmp_path):
     fake = ollama_with_models
     fake.set_timing(ttft=0.05, token_gap=0.005, tokens=16)
     nvml.write(two_gpu_box(runners))
+    log = LogFile(tmp_path / "ollama" / "server.log")  # Ollama's log: gin's line for every request it serves
+    fake.access_log = GinAccessLog(log)
+    fake.log = log
     exporter = exporter_factory("--ollama.url", fake.url, "--poll.interval", "500ms", "--probes.interval", "1s",
-                                "--ollama.timeout", "2s", env=nvml.env()).wait_ready()
+                                "--ollama.timeout", "2s", "--logs.source", "file", "--logs.path", str(log.path),
+                                env=nvml.env()).wait_ready()
     webhook = WebhookReceiver()
     am = Alertmanager(tmp_path / "am", webhook.url)
     target = f"127.0.0.1:{exporter.port}"
@@ -63,14 +70,29 @@ def stack(nvml, runners, ollama_with_models, exporter_factory, tmp_path):
     webhook.stop()
 
 
+def user_traffic(fake) -> None:
+    """What users do to the healthy system: chat requests (gin lines, through the fake's access log) and the
+    lines the model's llama-server writes into Ollama's log for them (one load, three requests)."""
+    fake.log.write(load_lines(BLOBS["qwen3:32b"], 40000, "qwen3:32b", seconds=6.0, runners=4))
+    for task in range(3):
+        requests.post(fake.url + "/api/chat", json={"model": "qwen3:32b", "stream": False,
+                                                     "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+        fake.log.write(request_lines(0, task, prompt_tokens=200, cached=150, generated=40))
+
+
 def test_alerts_fire_and_resolve_and_every_dashboard_query_has_data(stack):
     from tests import dashboard
 
     fake, nvml, runners, prom, webhook = stack
+    user_traffic(fake)
     wait_for(lambda: prom.query('ollama_probes_total{model="qwen3:32b"} >= 3')
+             and prom.query('ollama_request_generated_tokens_total > 0')
              and prom.query("instance_model:ollama_probe_duration_seconds:p99_5m")
-             and prom.query("instance_gpu:ollama_gpu_memory_used:ratio"),
-             timeout=60, message="probe and GPU data in Prometheus")
+             and prom.query("instance_gpu:ollama_gpu_memory_used:ratio")
+             # both jobs scraped often enough for rate() over the dashboard's 1m window
+             and all(prom.query(f'rate(ollama_exporter_source_errors_total{{job="{job}"}}[1m])')
+                     for job in ("ollama", "gpu-fleet")),
+             timeout=60, message="probe and GPU data in Prometheus, from both jobs")
 
     # a healthy system: every panel of both dashboards shows data, and their variables have values
     boards = [dashboard.load()]

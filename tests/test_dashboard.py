@@ -25,7 +25,7 @@ from ollama_exporter.mixin import config as mixin_config  # noqa: E402
 from ollama_exporter.mixin.dashboard import dashboard  # noqa: E402
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
-ROWS = ["Fleet", "Overview", "Latency", "Throughput", "Models", "GPU", "Probes"]
+ROWS = ["Fleet", "Overview", "Latency", "Traffic", "Throughput", "Models", "GPU", "Probes"]
 # every panel of the hand-kept dashboard the generator replaced (grafana/ollama-exporter.json before it)
 PANELS = {
     "Ollama up", "Ollama version", "Exporter version", "Loaded models", "Installed models", "GPUs up",

@@ -89,7 +89,9 @@ def test_every_help_text_names_its_source_and_every_name_follows_conventions():
         if "gpu" in name and not name.startswith("ollama_exporter_"):
             assert "nvml" in d.help.lower(), f"{name}: help must say which NVML call it comes from"
         elif not name.startswith("ollama_exporter_") and name not in ("ollama_up",):
-            assert "/api/" in d.help, f"{name}: help must say which API field it comes from"
+            # an API field, a runner endpoint, or the log line (quoted) it is counted from
+            assert any(src in d.help for src in ("/api/", "/slots", "/health", "log line", "`")), \
+                f"{name}: help must say which API field, runner endpoint or log line it comes from"
         if "timestamp" in name:
             assert name.endswith("_timestamp_seconds")
 

@@ -15,7 +15,7 @@ RULES = REPO / "alerts" / "ollama-exporter.rules.yml"
 RULE_TESTS = REPO / "alerts" / "tests" / "ollama-exporter.test.yml"
 REQUIRED = {"OllamaDown", "OllamaExporterDown", "OllamaExporterPollStalled", "OllamaGPUMemoryHigh", "OllamaLatencyP99High", "OllamaTTFTP99High",
             "OllamaProbeFailing", "OllamaModelCPUOffload", "OllamaGPUTemperatureHigh", "OllamaModelLoadChurn",
-            "OllamaGPULost"}
+            "OllamaGPULost", "OllamaRequestErrorRatioHigh", "OllamaRequestLatencyP99High"}
 
 
 def rules() -> list[dict]:

@@ -441,6 +441,20 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def stop_cleanly(proc: subprocess.Popen) -> None:
+    """SIGTERM the sandboxed exporter: it must exit 0 with nothing refused and no traceback on stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Operation not permitted" not in stderr, stderr
+
+
 def test_exporter_with_nvml_runs_under_the_units_seccomp_filters(sandbox, nvml, runners, ollama_with_models):
     """CPython, ctypes and pynvml loading libnvidia-ml.so.1 (the fake) under MemoryDenyWriteExecute, the
     system call allow list and the address families; GPU metrics, runner attribution, probes, shutdown."""
@@ -472,13 +486,46 @@ def test_exporter_with_nvml_runs_under_the_units_seccomp_filters(sandbox, nvml, 
             assert any(line.startswith("ollama_loaded_model_gpu_memory_bytes{") and f'model="{model}"' in line
                        for line in text.splitlines()), f"no GPU memory attributed to {model}"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        stop_cleanly(proc)
+
+
+def test_journal_read_access_and_a_state_directory(unit):
+    """The logs source reads `journalctl -u ollama` (the systemd-journal group) and keeps its position and
+    counters in $STATE_DIRECTORY, the only writable place under ProtectSystem=strict."""
+    service = unit["Service"]
+    groups = [last(service, "Group") or ""] + list_setting(service, "SupplementaryGroups")
+    assert "systemd-journal" in groups
+    assert list_setting(service, "StateDirectory") == ["ollama-exporter"]
+    assert last(service, "StateDirectoryMode") == "0700"
+
+
+def test_logs_and_runners_sources_run_under_the_units_seccomp_filters(sandbox, tmp_path):
+    """journalctl started by the exporter (the fake here), the state file written to $STATE_DIRECTORY as
+    systemd sets it, and /proc scanned for runners, all under the unit's system call filters."""
+    from tests.fakes.journalctl import FakeJournal
+    from tests.fakes.ollama import FakeOllama
+    from tests.fakes.ollama_log import gin_line
+
+    journal = FakeJournal(tmp_path / "journal.jsonl")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
+    env.update(journal.env(tmp_path / "bin"), STATE_DIRECTORY=str(state_dir))
+    port = free_port("127.0.0.1")
+    with FakeOllama() as fake:
+        proc = subprocess.Popen(sandbox(str(console_script()), "--ollama.url", fake.url, "--web.listen-address",
+                                        f"127.0.0.1:{port}", "--poll.interval=300ms", "--no-probes.enabled",
+                                        "--logs.source=journald", "--runners.enabled=true"),
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    stderr = proc.stderr.read()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "Operation not permitted" not in stderr, stderr
+            url = f"http://127.0.0.1:{port}/metrics"
+            wait_for(lambda: sample(requests.get(url, timeout=1).text, "ollama_exporter_source_up", source="logs") == 1,
+                     20, message="sandboxed logs source up")
+            journal.extend(gin_line(200, 0.2, "127.0.0.1", "POST", "/api/chat") for _ in range(4))
+            wait_for(lambda: sample(requests.get(url, timeout=1).text, "ollama_http_requests_total", route="/api/chat",
+                                    method="POST", code="200") == 4, 20, message="4 requests under the sandbox")
+            assert sample(requests.get(url, timeout=1).text, "ollama_exporter_source_up", source="runners") == 1
+            wait_for(lambda: (state_dir / "logs-state.json").is_file(), message="state file in $STATE_DIRECTORY")
+        finally:
+            stop_cleanly(proc)
+    assert json.loads((state_dir / "logs-state.json").read_text())["position"]["cursor"]

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
         "gpu_temperature_celsius": 85,  # OllamaGPUTemperatureHigh
         "model_loads_per_30m": 10,  # OllamaModelLoadChurn: model loads per instance in 30 minutes
         "snapshot_age_seconds": 120,  # OllamaExporterPollStalled: age of the data behind /metrics
+        "request_error_ratio": 0.05,  # OllamaRequestErrorRatioHigh: share of users' requests answered 5xx
+        "request_latency_p99_seconds": 120,  # OllamaRequestLatencyP99High: users' generation requests, P99
     },
     # Per alert: severity label, `for` window, and whether to generate it at all.
     "alerts": {
@@ -46,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "OllamaGPUTemperatureHigh": {"severity": "warning", "for": "10m", "enabled": True},
         "OllamaModelLoadChurn": {"severity": "warning", "for": "0m", "enabled": True},
         "OllamaGPULost": {"severity": "critical", "for": "1m", "enabled": True},
+        "OllamaRequestErrorRatioHigh": {"severity": "critical", "for": "10m", "enabled": True},
+        "OllamaRequestLatencyP99High": {"severity": "warning", "for": "15m", "enabled": True},
     },
     # Each alert's runbook_url annotation: `{anchor}` / `{alert}` are filled in per alert.
     "runbook_url": README_URL + "#{anchor}",

@@ -32,7 +32,7 @@ from grafana_foundation_sdk.models.dashboard import (
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from ollama_exporter.mixin.config import MixinConfig
-from ollama_exporter.mixin.rules import num, percent
+from ollama_exporter.mixin.rules import GENERATION_ROUTES, num, percent
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 I, M, G = 'instance=~"$instance"', 'model=~"$model"', 'gpu=~"$gpu"'
@@ -286,6 +286,83 @@ class Builder:
                   f"threshold ({percent(t['probe_failure_ratio'])}, over 10 minutes). Reasons are in the Probes row.",
                   [query(failures, "{{instance}} {{model}}"), self.threshold(t["probe_failure_ratio"])], (12, 8))
             .min(0).max(1).override_by_regexp(".*threshold$", _THRESHOLD_LINE),
+        ]
+
+    def traffic(self) -> list:
+        """Users' requests as Ollama's own log shows them (the exporter's logs source) and its runners' slots."""
+        s, t = self.s, self.t
+        five, full = 'code=~"5.."', 'code="503"'
+        gen = f'route=~"{GENERATION_ROUTES}"'
+        all_requests = f"sum by (instance) (rate(ollama_http_requests_total{s(I)}{RATE}))"
+        zero_if_none = f"sum by (instance) (0 * rate(ollama_http_requests_total{s(I)}{RATE}))"
+
+        def real(q: float) -> Dataquery:
+            return query(f"histogram_quantile({q}, sum by (instance, le) "
+                         f"(rate(ollama_http_request_duration_seconds_bucket{s(I, gen)}{RATE})))",
+                         "{{instance}} requests p" + str(int(q * 100)))
+
+        return [
+            graph("Requests by route and status", "reqps",
+                  "Requests per second users sent to Ollama, by route and HTTP status, from Ollama's access log "
+                  "(rate(ollama_http_requests_total); needs the exporter's logs.source). The exporter's own probes "
+                  "and polls are not included. 499: the client gave up while its request was scheduled or its "
+                  "model loaded; 503: the queue was full.",
+                  [query(f"sum by (instance, route, code) (rate(ollama_http_requests_total{s(I)}{RATE}))",
+                         "{{instance}} {{route}} {{code}}")], (12, 8)),
+            graph("Request error ratio", "percentunit",
+                  "Share of users' requests answered with a 5xx status (rate of ollama_http_requests_total with "
+                  "code 5xx over all of it); the dashed line is the OllamaRequestErrorRatioHigh threshold "
+                  f"({percent(t['request_error_ratio'])}, over 5 minutes). A streamed answer that fails after its "
+                  "first byte is logged 200, so this is a lower bound.",
+                  [query(f"(sum by (instance) (rate(ollama_http_requests_total{s(I, five)}{RATE})) or {zero_if_none})"
+                         f" / {all_requests}", "{{instance}} 5xx"),
+                   self.threshold(t["request_error_ratio"])], (12, 8))
+            .min(0).override_by_regexp(".*threshold$", _THRESHOLD_LINE),
+            graph("Request latency vs probes", "s",
+                  "P50/P95/P99 end-to-end time of users' generation requests (chat, generate and the OpenAI and "
+                  "Anthropic routes) from Ollama's access log (ollama_http_request_duration_seconds: queueing, "
+                  "model loads and whole streams included), next to the P99 of the exporter's probes "
+                  "(ollama_probe_duration_seconds). The dashed line is the OllamaRequestLatencyP99High threshold "
+                  f"({num(t['request_latency_p99_seconds'])} s).",
+                  [real(0.5), real(0.95), real(0.99),
+                   query(f"histogram_quantile(0.99, sum by (instance, le) "
+                         f"(rate(ollama_probe_duration_seconds_bucket{s(I, M)}{RATE})))", "{{instance}} probes p99"),
+                   self.threshold(t["request_latency_p99_seconds"])], (12, 8))
+            .override_by_regexp(".*threshold$", _THRESHOLD_LINE),
+            graph("Tokens per second", "short",
+                  "Prompt tokens in (cache=miss processed, cache=hit taken from the prompt cache) and generated "
+                  "tokens out per second, per model, from the runners' lines in Ollama's log (Ollama v0.30+; "
+                  "rate of ollama_request_prompt_tokens_total and ollama_request_generated_tokens_total). "
+                  "Requests that cannot be tied to one model for certain count under model _unattributed; "
+                  "probe tokens are included.",
+                  [query(f"sum by (instance, model, cache) (rate(ollama_request_prompt_tokens_total{s(I, M)}{RATE}))",
+                         "{{instance}} {{model}} in ({{cache}})"),
+                   query(f"sum by (instance, model) (rate(ollama_request_generated_tokens_total{s(I, M)}{RATE}))",
+                         "{{instance}} {{model}} out")], (12, 8)).axis_label("tokens/s"),
+            graph("Busy slots vs capacity", "short",
+                  "Requests running now (ollama_runner_slots_busy) against the parallel slots of each loaded "
+                  "model's runner (ollama_runner_slots), from the runners' own /slots (v0.30+) or /health "
+                  "(v0.1.32-v0.3.x). Busy equal to capacity means new requests queue inside Ollama.",
+                  [query(f"sum by (instance, model) (ollama_runner_slots_busy{s(I, M)})", "{{instance}} {{model}} busy"),
+                   query(f"sum by (instance, model) (ollama_runner_slots{s(I, M)})", "{{instance}} {{model}} slots")],
+                  (8, 8)),
+            graph("Client disconnects and queue full", "reqps",
+                  "Clients giving up per second (ollama_http_client_disconnects_total: scheduling_or_load is gin's "
+                  "499, waiting_for_slot Ollama's `aborting ... due to client closing the connection`) and "
+                  "generation requests refused because the queue was full (503).",
+                  [query(f"sum by (instance, stage) (rate(ollama_http_client_disconnects_total{s(I)}{RATE}))",
+                         "{{instance}} gave up {{stage}}"),
+                   query(f"sum by (instance) (rate(ollama_http_requests_total{s(I, gen, full)}{RATE})) "
+                         f"or {zero_if_none}", "{{instance}} queue full (503)")], (8, 8)),
+            graph("Log lines", "short",
+                  "Lines of Ollama's log the exporter read per second by result (ollama_exporter_log_lines_total: "
+                  "parsed, ignored, malformed: a known format that did not parse, i.e. the format changed) and "
+                  "lines lost before parsing (ollama_exporter_log_lines_dropped_total: overflow, "
+                  "journal_rate_limit).",
+                  [query(f"sum by (instance, result) (rate(ollama_exporter_log_lines_total{s(I)}{RATE}))",
+                         "{{instance}} {{result}}"),
+                   query(f"sum by (instance, reason) (rate(ollama_exporter_log_lines_dropped_total{s(I)}{RATE}))",
+                         "{{instance}} dropped {{reason}}")], (8, 8)).axis_label("lines/s"),
         ]
 
     def throughput(self) -> list:
@@ -563,8 +640,9 @@ class Builder:
     def build(self) -> Dashboard:
         c = self.c
         board = (Dashboard(c.dashboard_title).uid(c.dashboard_uid).tags(list(c.dashboard_tags))
-                 .description("Ollama through ollama-exporter: the fleet, server and source health, probe latency and "
-                              "throughput, loaded and installed models, NVIDIA GPU telemetry.")
+                 .description("Ollama through ollama-exporter: the fleet, server and source health, probe latency, "
+                              "users' traffic from Ollama's log, throughput, loaded and installed models, NVIDIA GPU "
+                              "telemetry.")
                  .editable().tooltip(DashboardCursorSync.CROSSHAIR).refresh(c.dashboard_refresh)
                  .time(c.dashboard_time_from, "now").timezone("")
                  .timepicker(TimePicker().refresh_intervals(["10s", "30s", "1m", "5m", "15m", "30m", "1h"])))
@@ -572,7 +650,8 @@ class Builder:
             board = board.with_variable(var)
         next_id = iter(range(1, 1000))
         for title, panels, collapsed in (("Fleet", self.fleet(), False), ("Overview", self.overview(), False),
-                                         ("Latency", self.latency(), False), ("Throughput", self.throughput(), False),
+                                         ("Latency", self.latency(), False), ("Traffic", self.traffic(), False),
+                                         ("Throughput", self.throughput(), False),
                                          ("Models", self.models(), False), ("GPU", self.gpu(), False),
                                          ("Probes", self.probes(), True)):
             row = Row(title).id(next(next_id)).datasource(DS)

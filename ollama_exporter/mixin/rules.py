@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from ollama_exporter.mixin.config import MixinConfig
 
 ALERT_GROUP = "ollama-exporter"
+# Ollama's routes that generate (the logs source's `route` label): users' latency is judged on these.
+GENERATION_ROUTES = "/api/chat|/api/generate|/v1/chat/completions|/v1/completions|/v1/responses|/v1/messages"
 RECORDING_GROUP = "ollama-exporter.rules"
 # The labels an alert's dashboard link fills in: the dashboard's variables of the same name.
 _DASHBOARD_VARS = ("instance", "model", "gpu")
@@ -56,6 +58,7 @@ def alerts(c: MixinConfig) -> list[Alert]:
         return f"histogram_quantile(0.99, rate({metric}_bucket{s()}[5m]))"
 
     offload = f"1 - ollama_loaded_model_vram_bytes{s()} / ollama_loaded_model_size_bytes{s()}"
+    server_errors, generation = s('code=~"5.."'), s(f'route=~"{GENERATION_ROUTES}"')
     return [
         Alert("OllamaExporterDown", f"up{s()} == 0",
               "ollama-exporter on {{ $labels.instance }} cannot be scraped.",
@@ -129,6 +132,24 @@ def alerts(c: MixinConfig) -> list[Alert]:
               f"More than {num(t['model_loads_per_30m'])} model loads in 30 minutes: models are being loaded "
               "and evicted over and over, and every load costs seconds to minutes of latency. "
               + runbook.format("OllamaModelLoadChurn"), ("instance",)),
+        Alert("OllamaRequestErrorRatioHigh",
+              f"sum without (route, method, code) (rate(ollama_http_requests_total{server_errors}[5m]))\n"
+              f"/ sum without (route, method, code) (rate(ollama_http_requests_total{s()}[5m]))\n"
+              f"> {num(t['request_error_ratio'])}",
+              "Ollama on {{ $labels.instance }} answers {{ $value | humanizePercentage }} of requests with an error.",
+              f"More than {percent(t['request_error_ratio'])} of the requests users sent to Ollama over 5 minutes "
+              "got a 5xx status in Ollama's own access log (the exporter's probes and polls not counted), for "
+              f"{spoken(c.alerts['OllamaRequestErrorRatioHigh'].for_)}. 503 means the queue was full, 500 a "
+              "failed load or a runner that died. " + runbook.format("OllamaRequestErrorRatioHigh"), ("instance",)),
+        Alert("OllamaRequestLatencyP99High",
+              "histogram_quantile(0.99, sum without (route, code_class) (rate(ollama_http_request_duration_seconds_bucket"
+              f"{generation}[5m])))\n> {num(t['request_latency_p99_seconds'])}",
+              "P99 time of users' generation requests on {{ $labels.instance }} is {{ $value | humanizeDuration }}.",
+              "Users' chat and generate requests took more than "
+              f"{num(t['request_latency_p99_seconds'])} seconds end to end at the 99th percentile over 5 minutes, "
+              f"for {spoken(c.alerts['OllamaRequestLatencyP99High'].for_)}, by Ollama's own access log: queueing, "
+              "model loads and whole streams included. " + runbook.format("OllamaRequestLatencyP99High"),
+              ("instance",)),
         Alert("OllamaGPULost", f"ollama_gpu_up{s()} == 0",
               "GPU {{ $labels.gpu }} on {{ $labels.instance }} has fallen off the bus.",
               "NVML reports GPU {{ $labels.gpu }} ({{ $labels.uuid }}) as lost. Models on it are gone or will "

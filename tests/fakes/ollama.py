@@ -22,6 +22,8 @@ tests/fixtures/ollama/:
 * Faults (delay, hang, status, garbage, reset, truncate; busy, oom, context_length, stream_error,
   truncate_stream, not_found, final_fields, raw_final) and a listening socket that can be closed and
   re-opened on one port.
+* ``access_log``: an optional callback told about every answered request, as gin's logger sees it
+  (tests/fakes/ollama_log.py GinAccessLog writes gin's access line from it).
 
 Not emulated: the Host-header check, CORS preflights, trailing-slash redirects, and the other
 known routes (pull, push, delete, /v1/...), which answer 501 JSON so their 404/405 stay gin-like;
@@ -427,7 +429,21 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
 
+    def send_response(self, code: int, message: Any = None) -> None:
+        self.status_sent = code
+        super().send_response(code, message)
+
     def _dispatch(self) -> None:
+        self.status_sent, started = 0, time.monotonic()
+        try:
+            self._dispatch_inner()
+        finally:
+            log = self.server.fake.access_log
+            if log is not None and self.status_sent:
+                log(self.command, self.path, self.status_sent, time.monotonic() - started, self.headers,
+                    self.client_address[0])
+
+    def _dispatch_inner(self) -> None:
         try:
             self.server.fake._handle(self)
         except _Abort as abort:
@@ -521,6 +537,8 @@ class FakeOllama:
         self._unhang = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        # called after each answered request: (method, path with query, status, seconds, headers, peer address)
+        self.access_log: Callable[..., None] | None = None
 
     @property
     def behaviour(self) -> Behaviour:
