@@ -396,3 +396,54 @@ def test_the_example_web_config_is_valid_apart_from_its_certificate_paths(tmp_pa
     del data["tls_server_config"]
     (tmp_path / "auth-only.yml").write_text(yaml.safe_dump(data))
     assert list(load_web_config(str(tmp_path / "auth-only.yml")).auth.users) == [b"prometheus"]
+
+
+def test_the_ssl_context_serves_asyncio_with_rotation_and_any_client_certificate(certs, tmp_path):
+    """What the asyncio server will do: ssl=web.ssl_context(), then client_cert_problem(peercert)."""
+    import asyncio
+    import threading
+
+    from ollama_exporter.webconfig import load_web_config
+
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.crt", "server.key"):
+        shutil.copy(certs / name, live / name)
+    web = load_web_config(str(web_config(tmp_path / "web.yml", live, users=False, tls_server_config={
+        "client_auth_type": "RequireAnyClientCert", "client_allowed_sans": ["prometheus"]})))
+    port, ready, stop = free_port(), threading.Event(), threading.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if web.client_cert_problem(writer.get_extra_info("peercert")) is None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nOK\n")
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port, ssl=web.ssl_context())
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        server.close()
+        await server.wait_closed()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    url = f"https://127.0.0.1:{port}/"
+
+    def get(ca: str, client: Optional[str]) -> str:
+        cert = ["--cert", str(certs / f"{client}.crt"), "--key", str(certs / f"{client}.key")] if client else []
+        return status("--cacert", str(certs / f"{ca}.crt"), *cert, url)
+
+    try:
+        assert (get("ca", "rogue"), get("ca", "intruder"), get("ca", None)) == ("200", "000", "000")
+        for name in ("server.crt", "server.key"):
+            shutil.copy(certs / name.replace("server", "server2"), live / f".{name}")
+        for name in ("server.key", "server.crt"):
+            os.replace(live / f".{name}", live / name)
+        assert (get("ca2", "rogue"), get("ca", "rogue")) == ("200", "000")
+    finally:
+        stop.set()
+        thread.join(10)
