@@ -21,8 +21,8 @@ Go setting -> what Python does with it:
   Python's ssl has no verify callback, so the two "any certificate" modes install OpenSSL's own
   (SSL_CTX_set_verify, through ctypes, on the libssl that Python's _ssl uses, after checking that
   the pointer really is this context's). Where that cannot be done the file is refused by name.
-- `client_allowed_sans`: checked after the handshake by `client_cert_problem()`, which the server
-  calls with the peer certificate; a client whose certificate has none of the names is disconnected
+- `client_allowed_sans`: checked after the handshake by `client_cert_problem()` (the server calls it
+  through WebConfig.verify_peer); a client whose certificate has none of the names is disconnected
   before any HTTP (Go fails the handshake itself; OpenSSL offers Python no hook there).
 """
 
@@ -107,7 +107,8 @@ class TLSSettings:
 
 
 def parse_tls_settings(where: str, data: dict, base_dir: str) -> Optional[TLSSettings]:
-    """Validate a tls_server_config mapping (keys already known) in the toolkit's order; None = no TLS."""
+    """The shape and names of a tls_server_config mapping (keys already known); None = no TLS. The
+    files and the client-auth policy are build_context()'s to check, in the toolkit's order."""
     def text(key: str) -> str:
         value = data.get(key)
         if value is None:
@@ -158,8 +159,7 @@ def parse_tls_settings(where: str, data: dict, base_dir: str) -> Optional[TLSSet
             raise ConfigError(f"{where}: tls_server_config sets {', '.join(others)} but no certificate: "
                               "TLS would be off; add cert_file and key_file, or remove tls_server_config")
         return None
-    build_context(where, settings)  # every remaining problem: missing or bad files, policy, unsupported
-    return settings
+    return settings  # build_context() finds every remaining problem: files, policy, what Python cannot do
 
 
 def build_context(where: str, s: TLSSettings) -> ssl.SSLContext:

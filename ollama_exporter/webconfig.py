@@ -24,15 +24,16 @@ keys. tls_server.py says how each TLS setting maps onto Python's ssl.
 
 The interface a server uses:
 
-    web = load_web_config(path)       # ConfigError: one line naming the file and the key
-    web.tls                           # serve HTTPS?
-    web.ssl_context()                 # server SSLContext; re-reads rotated certificate files itself
-    web.client_cert_problem(peercert) # after the handshake: None, or why to drop the connection
-                                      #   (client_allowed_sans; peercert = getpeercert())
-    web.headers                       # Mapping[str, str]: add to every response, 401/404/429 too
-    web.rate_limit                    # None, or .allow() -> bool (False: answer 429), before auth
-    web.auth                          # None, or BasicAuth: .cached(header) -> Optional[bool] on the
-                                      #   event loop, else .check(header) -> bool in a worker thread
+    web = load_web_config(path)    # ConfigError: one line naming the file and the key
+    web.tls                        # serve HTTPS?
+    web.ssl_context()              # the server SSLContext, built once at load (cheap to call per
+                                   #   connection); it re-reads rotated certificate files itself
+    web.verify_peer(ssl_object)    # after the handshake: raises ValueError (the reason) when the
+                                   #   client must be disconnected (client_allowed_sans)
+    web.headers                    # Mapping[str, str]: add to every response, 401/404/429 too
+    web.rate_limit                 # None, or .allow() -> bool (False: answer 429), before auth
+    web.auth                       # None, or BasicAuth: .cached(header) -> Optional[bool] on the
+                                   #   event loop, else .check(header) -> bool in a worker thread
 """
 
 from __future__ import annotations
@@ -97,20 +98,24 @@ class WebConfig:
     headers: Mapping[str, str] = field(default_factory=dict)
     auth: Optional[BasicAuth] = None
     rate_limit: Optional[RateLimit] = None
+    context: Optional[ssl.SSLContext] = field(default=None, repr=False, compare=False)
 
     @property
     def tls(self) -> bool:
-        return self.tls_settings is not None
+        return self.context is not None
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A server-side context from the files as they are now, reloading them when they change."""
-        if self.tls_settings is None:
+        """The server-side context; its sni_callback swaps in a fresh one when the files change."""
+        if self.context is None:
             raise ValueError("this web config has no tls_server_config")
-        return server_context(_where(self.path), self.tls_settings)
+        return self.context
 
-    def client_cert_problem(self, peercert: Optional[dict]) -> Optional[str]:
-        """After the handshake: None if the client may go on, else why its connection must close."""
-        return client_cert_problem(self.tls_settings.client_allowed_sans if self.tls_settings else (), peercert)
+    def verify_peer(self, ssl_object: Any) -> None:
+        """After the handshake (ssl_object: SSLObject or SSLSocket): ValueError if the client must go."""
+        problem = client_cert_problem(self.tls_settings.client_allowed_sans if self.tls_settings else (),
+                                      ssl_object.getpeercert())
+        if problem:
+            raise ValueError(problem)
 
 
 def _where(path: str) -> str:
@@ -152,7 +157,8 @@ def load_web_config(path: str) -> WebConfig:
     rate_limit = _rate_limit(where, sections.get("rate_limit", {}))
     base_dir = os.path.dirname(os.path.abspath(path))
     tls = parse_tls_settings(where, sections.get("tls_server_config", {}), base_dir)
-    return WebConfig(path=path, tls_settings=tls, headers=headers, auth=auth, rate_limit=rate_limit)
+    context = server_context(where, tls) if tls else None  # reads the files: every problem shows now
+    return WebConfig(path=path, tls_settings=tls, headers=headers, auth=auth, rate_limit=rate_limit, context=context)
 
 
 def _headers(where: str, value: Any) -> dict[str, str]:
