@@ -248,6 +248,10 @@ class _Connection(asyncio.Protocol):
         web = self.server.app.web
         if web is not None and getattr(web, "tls", False):
             transport.pause_reading()
+            # No request is answered before the handshake and the peer check are done: with TLS 1.3 a
+            # request can arrive with the client's last handshake flight and be handed to us before
+            # start_tls() returns, when the answer would go out unencrypted on the raw transport.
+            self.busy = True
             self.server.loop.create_task(self._start_tls(web))
 
     async def _start_tls(self, web: Any) -> None:
@@ -271,6 +275,8 @@ class _Connection(asyncio.Protocol):
                 self.close()
                 return
         self._peer_cert = ssl_object.getpeercert() if ssl_object is not None else None
+        self.busy = False
+        self._next()  # a request that came with the handshake
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self._closed = True

@@ -452,3 +452,22 @@ def test_the_ssl_context_serves_asyncio_with_rotation_and_any_client_certificate
         stop.set()
         thread.join(10)
 
+
+def test_no_request_is_answered_before_the_handshake_and_the_peer_check_are_done(exporters, certs, tmp_path):
+    """With TLS 1.3 curl sends its request right behind its last handshake flight. Answered before the
+    peer check, an intruder's POST /-/reload would run, and the answer would go out unencrypted."""
+    path = web_config(tmp_path / "web.yml", certs, users=False, tls_server_config={
+        "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": str(certs / "ca.crt"),
+        "client_allowed_sans": ["prometheus"]})
+    (exp,) = exporters(path)
+    ca = ["--cacert", str(certs / "ca.crt")]
+    for _ in range(5):
+        intruder = ["--cert", str(certs / "intruder.crt"), "--key", str(certs / "intruder.key")]
+        assert status(*ca, *intruder, "-X", "POST", exp.url + "/-/reload") == "000"
+        client = ["--cert", str(certs / "client.crt"), "--key", str(certs / "client.key")]
+        assert status(*ca, *client, exp.url + "/-/healthy") == "200"  # unencrypted, curl would say 000
+    messages = [r["msg"] for r in exp.log_records()]
+    assert "configuration reloaded" not in messages
+    assert status(*ca, "--cert", str(certs / "client.crt"), "--key", str(certs / "client.key"), "-X", "POST",
+                  exp.url + "/-/reload") == "200"
+    assert "configuration reloaded" in [r["msg"] for r in exp.log_records()]
