@@ -256,6 +256,11 @@ class _Connection(asyncio.Protocol):
 
     async def _start_tls(self, web: Any) -> None:
         try:
+            # start_tls() pauses the transport itself and only then hands it to the TLS protocol. Our own
+            # pause must end first: Python 3.10's transport starts reading even when paused in
+            # connection_made, so start_tls's pause would be a no-op and a ClientHello that is already
+            # waiting would reach the TLS protocol before it is set up and be lost (the handshake hangs).
+            self.transport.resume_reading()
             tls = await self.server.loop.start_tls(self.transport, self, web.ssl_context(), server_side=True,
                                                     ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
