@@ -90,15 +90,28 @@ def serve(*web_configs: Path) -> list[Exporter]:
     if not shutil.which("curl"):
         pytest.skip("curl is needed")
     nowhere = f"http://127.0.0.1:{free_port()}"
-    started = [Exporter("--ollama.url", nowhere, "--no-probes.enabled", "--gpu.enabled", "false",
-                        "--web.config.file", str(path)) for path in web_configs]
-    for exp in started:
-        def accepting(exp=exp) -> bool:
-            if exp.proc.poll() is not None:
-                pytest.fail(f"exporter exited with {exp.proc.returncode}: {exp.logs()}")
-            with socket.create_connection(("127.0.0.1", exp.port), timeout=1):
-                return True
-        wait_for(accepting, timeout=15, message="exporter listening")
+
+    def start(path: Path) -> Exporter:
+        return Exporter("--ollama.url", nowhere, "--no-probes.enabled", "--gpu.enabled", "false",
+                        "--web.config.file", str(path))
+
+    started = [start(path) for path in web_configs]
+    for i, path in enumerate(web_configs):
+        for _ in range(3):  # free_port() only finds a port free: another test may take it before we bind
+            exp = started[i]
+
+            def accepting(exp=exp) -> bool:
+                if exp.proc.poll() is not None:
+                    return True
+                with socket.create_connection(("127.0.0.1", exp.port), timeout=1):
+                    return True
+            wait_for(accepting, timeout=15, message="exporter listening")
+            if exp.proc.poll() is None or "Address already in use" not in exp.logs():
+                break
+            exp.stop()
+            started[i] = start(path)
+        if exp.proc.poll() is not None:
+            pytest.fail(f"exporter exited with {exp.proc.returncode}: {exp.logs()}")
         exp.url = f"https://127.0.0.1:{exp.port}"
     return started
 
