@@ -2,7 +2,7 @@
 # non-root user, writing nothing (it works with a read-only root filesystem and no tmpfs at all).
 #
 #   scripts/build-image.sh                  # docker or podman; sets the version and revision labels
-#   docker run -d -p 9778:9778 -e OLLAMA_HOST=http://ollama-host:11434 ollama-exporter:0.1.0
+#   docker run -d -p 9778:9778 -e OLLAMA_HOST=http://ollama-host:11434 ollama-exporter
 #
 # Named Dockerfile (not Containerfile) because every engine reads it without -f: docker build, podman
 # and buildah (which look for Containerfile, then Dockerfile), kaniko, CI build actions, hadolint.

@@ -16,7 +16,9 @@ flow-controlled slices of a shared buffer (a slow reader costs no copy of the bo
 backlog is real, and a failing accept (out of file descriptors) backs off instead of spinning.
 
 TLS is negotiated per connection with the web config current at accept time (so a reload can turn
-TLS on or off, and certificates rotate), basic auth is checked on every path before answering.
+TLS on or off; certificates rotate by themselves), a client certificate failing client_allowed_sans is
+disconnected right after the handshake, and the web config's rate limit (429) and basic auth are
+checked on every path before answering, its headers added to every response.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ TEXT = "text/plain; charset=utf-8"
 
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
-           414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error",
            501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 LANDING_PAGE = """<!DOCTYPE html>
@@ -245,11 +248,20 @@ class _Connection(asyncio.Protocol):
         web = self.server.app.web
         if web is not None and getattr(web, "tls", False):
             transport.pause_reading()
+            # No request is answered before the handshake and the peer check are done: with TLS 1.3 a
+            # request can arrive with the client's last handshake flight and be handed to us before
+            # start_tls() returns, when the answer would go out unencrypted on the raw transport.
+            self.busy = True
             self.server.loop.create_task(self._start_tls(web))
 
     async def _start_tls(self, web: Any) -> None:
         try:
-            tls = await self.server.loop.start_tls(self.transport, self, _context(web), server_side=True,
+            # start_tls() pauses the transport itself and only then hands it to the TLS protocol. Our own
+            # pause must end first: Python 3.10's transport starts reading even when paused in
+            # connection_made, so start_tls's pause would be a no-op and a ClientHello that is already
+            # waiting would reach the TLS protocol before it is set up and be lost (the handshake hangs).
+            self.transport.resume_reading()
+            tls = await self.server.loop.start_tls(self.transport, self, web.ssl_context(), server_side=True,
                                                     ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
             log.debug("TLS handshake failed", extra={"error": str(exc)})
@@ -260,15 +272,16 @@ class _Connection(asyncio.Protocol):
             return
         self.transport = tls
         ssl_object = tls.get_extra_info("ssl_object")
-        verify = getattr(web, "verify_peer", None)
-        if verify is not None and ssl_object is not None:
+        if ssl_object is not None:
             try:
-                verify(ssl_object)
+                web.verify_peer(ssl_object)
             except (ssl.SSLError, ValueError) as exc:
                 log.debug("client certificate refused", extra={"error": str(exc)})
                 self.close()
                 return
         self._peer_cert = ssl_object.getpeercert() if ssl_object is not None else None
+        self.busy = False
+        self._next()  # a request that came with the handshake
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self._closed = True
@@ -377,12 +390,13 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, request: Request) -> None:
         app = self.server.app
         web = app.web
-        auth = getattr(web, "auth", None) if web is not None else None
-        if auth is None and web is not None and getattr(web, "users", None):
-            auth = _legacy_auth(web)
+        if web is not None and web.rate_limit is not None and not web.rate_limit.allow():
+            self._respond(request, Response.text(429, "Too Many Requests"))
+            return
+        auth = web.auth if web is not None else None
         if auth is not None:
             header = request.headers.get("authorization")
-            cached = auth.cached(header) if hasattr(auth, "cached") else None
+            cached = auth.cached(header)
             if cached is None:
                 future = self.server.loop.run_in_executor(self.server.auth_pool, auth.check, header)
                 future.add_done_callback(lambda f: self._authorised(request, not f.cancelled() and f.result()))
@@ -506,27 +520,3 @@ class _Connection(asyncio.Protocol):
 def _reload_response(result: tuple[bool, str]) -> Response:
     ok, message = result
     return Response.text(200 if ok else 500, message)
-
-
-def _context(web: Any) -> ssl.SSLContext:
-    """The web config's current server context (it reloads rotated certificates itself)."""
-    if callable(getattr(web, "ssl_context", None)):
-        return web.ssl_context()
-    from ollama_exporter.webconfig import ssl_context  # webconfig before ssl_context moved onto WebConfig
-
-    context = getattr(web, "_context", None)
-    if context is None:
-        context = ssl_context(web)
-        object.__setattr__(web, "_context", context)
-    return context
-
-
-def _legacy_auth(web: Any):
-    """webconfig before BasicAuth moved onto WebConfig (kept until that lands)."""
-    from ollama_exporter.webconfig import BasicAuth
-
-    auth = getattr(web, "_auth", None)
-    if auth is None:
-        auth = BasicAuth(web.users)
-        object.__setattr__(web, "_auth", auth)
-    return auth

@@ -2,7 +2,8 @@
 # Build the container image with podman or docker, labelled with the package's version, the git
 # revision and the build time. Usage:
 #   scripts/build-image.sh [-t TAG] [ENGINE BUILD OPTIONS...]
-# ENGINE is $CONTAINER_ENGINE, else podman, else docker. The default tag is ollama-exporter:<version>.
+# ENGINE is $CONTAINER_ENGINE, else podman, else docker. The default tags are ollama-exporter:<version> and
+# ollama-exporter:latest.
 # Anything else goes to `<engine> build`, e.g. `--build-arg BASE_IMAGE=...` or `--platform linux/arm64`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,13 +17,13 @@ revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 [ -z "$(git status --porcelain 2>/dev/null)" ] || revision="$revision-dirty"
 created="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
-tag="ollama-exporter:$version"
-if [ "${1:-}" = "-t" ]; then tag="$2"; shift 2; fi
+tags=(--tag "ollama-exporter:$version" --tag "ollama-exporter:latest")
+if [ "${1:-}" = "-t" ]; then tags=(--tag "$2"); shift 2; fi
 
 format=()
 case "$(basename "$engine")" in podman|buildah) format=(--format docker) ;; esac  # keeps HEALTHCHECK
 
 set -x
-exec "$engine" build "${format[@]}" --tag "$tag" \
+exec "$engine" build "${format[@]}" "${tags[@]}" \
   --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
   "$@" .
