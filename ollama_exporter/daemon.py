@@ -26,6 +26,7 @@ from ollama_exporter.gpu import GpuSource
 from ollama_exporter.logfollow import LogFollower
 from ollama_exporter.logsources import FileSource, JournaldSource, PipeSource
 from ollama_exporter.logstate import StateFile, default_state_path
+from ollama_exporter.multitarget import MultiTarget
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
 from ollama_exporter.prober import Prober
@@ -154,6 +155,7 @@ class Daemon:
         self.prober: Optional[Prober] = None
         self._prober_stop: Optional[threading.Event] = None
         self.server: Optional[Server] = None
+        self.targets = MultiTarget(config, lambda accept: render(self.exposition.snapshot, accept))
 
     # --- start and stop ---
 
@@ -193,6 +195,7 @@ class Daemon:
             self._prober_stop.set()
         if self.server is not None:
             self.server.stop()
+        self.targets.close()
         if self.poller.logs is not None:
             self.poller.logs.stop()  # writes the last checkpoint: a restart goes on from exactly here
 
@@ -218,7 +221,8 @@ class Daemon:
         return True, "OK"
 
     def probe(self, request: Request) -> Response:
-        return Response.text(403, "multi-target mode is off: no target is allowed (multi_target.allow)")
+        """/probe?target=...: another Ollama, scraped now (multitarget.py); refused unless allowed."""
+        return self.targets.handle(request)
 
     # --- reload ---
 
@@ -266,6 +270,7 @@ class Daemon:
         self.now = _Running(config, client, web)
         self.poller.client, self.poller.interval = client, config.poll_interval
         self.poller.forget_after = config.poll_forget_after
+        self.targets.configure(config)
         self._apply_probes(config)
 
     def _apply_logs(self, config: Config) -> None:

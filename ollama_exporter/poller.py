@@ -130,6 +130,7 @@ class Poller:
         self._busy: dict[str, threading.Thread] = {}  # source -> its call's thread, to avoid pile-ups
         self.shows = ShowCache(lambda name: self.client.show(name), pool or show_pool(), interval, clock)
         self.settle_shows = False  # wait for new /api/show answers within the poll (--once, probe command)
+        self.sources: tuple[str, ...] = API_SOURCES  # which of Ollama's endpoints to read (multi-target modules)
         self._seen: dict[str, float] = {}  # model name -> when it was last in /api/tags or /api/ps
         self._dropped: Counter = Counter({(s, r): 0 for s in ("ps", "tags") for r in DROP_REASONS})
         self._status: dict[str, SourceStatus] = {}
@@ -179,56 +180,56 @@ class Poller:
             self._wake.wait(max(0.0, self.interval - (time.monotonic() - started)))
             self._wake.clear()
 
-    def poll_once(self) -> Snapshot:
+    def poll_once(self, deadline: Optional[float] = None) -> Snapshot:
+        """One poll of the sources in `sources`, within `deadline` (time.monotonic; default: the timeout)."""
         mark = self.logs.stats.poll_mark() if self.logs is not None else -1
         started = time.time()  # wall clock, as the log sources stamp their reads
-        deadline = time.monotonic() + self.client.timeout + 0.5
-        calls = {
-            "version": _Call("version", self.client.version, self._busy),
-            "ps": _Call("ps", self.client.ps, self._busy),
-            "tags": _Call("tags", self.client.tags, self._busy),
-        }
+        deadline = deadline if deadline is not None else time.monotonic() + self.client.timeout + 0.5
+        calls = {name: _Call(name, getattr(self.client, name), self._busy)
+                 for name in ("version", "ps", "tags") if name in self.sources}
         if self.gpu is not None:
             calls["gpu"] = _Call("gpu", self.gpu.sample, self._busy, unexpected="unknown")
         outcomes = {name: call.wait(deadline) for name, call in calls.items()}
         now = self.clock()
         for name, outcome in outcomes.items():
             self._record(name, outcome, now)
+        answered = {name for name, outcome in outcomes.items() if outcome.error is None}
 
-        if outcomes["version"].error is None:
+        if "version" in answered:
             self._version = outcomes["version"].value
-        if outcomes["tags"].error is None:
+        if "tags" in answered:
             self._installed = tuple(outcomes["tags"].value)
             self._count_dropped("tags", outcomes["tags"].value)
-            self.shows.update(self._installed)
-            if self.settle_shows:
-                self.settle(self.client.timeout + 0.5)
+            if "show" in self.sources:
+                self.shows.update(self._installed)
+                if self.settle_shows:
+                    self.settle(max(0.0, min(self.client.timeout + 0.5, deadline - time.monotonic())))
         self._record_shows(now)
         installed = tuple(self._with_show(m) for m in self._installed)
 
         loaded: tuple[LoadedModel, ...] = ()
-        if outcomes["ps"].error is None:
+        if "ps" in answered:
             loaded = tuple(outcomes["ps"].value)
             self._count_dropped("ps", outcomes["ps"].value)
             self._count_transitions(loaded, now)
 
-        self._remember(now, [m.name for m in installed] if outcomes["tags"].error is None else [],
-                       [m.name for m in loaded])
+        self._remember(now, [m.name for m in installed] if "tags" in answered else [], [m.name for m in loaded])
+        up = all(name in answered for name in ("version", "ps") if name in self.sources) and bool(answered)
 
-        runner_state = self._sample_runners(loaded, installed) if outcomes["ps"].error is None else None
+        runner_state = self._sample_runners(loaded, installed) if "ps" in answered else None
         if self.logs is not None:
-            self._feed_logs(mark, started, loaded if outcomes["ps"].error is None else None, installed, runner_state)
+            self._feed_logs(mark, started, loaded if "ps" in answered else None, installed, runner_state)
 
         gpu = self._gpu_state(outcomes.get("gpu"))
         model_gpu, unattributed = (), {}
-        if gpu is not None and gpu.nvml_up and outcomes["ps"].error is None:
+        if gpu is not None and gpu.nvml_up and "ps" in answered:
             processes = [p for d in gpu.devices for p in d.processes]
             model_gpu, unattributed = runners.attribute(processes, loaded, installed)
 
         snapshot = Snapshot(
             timestamp=now,
             ready=True,
-            up=outcomes["version"].error is None and outcomes["ps"].error is None,
+            up=up,
             version=self._version,
             installed=installed,
             loaded=loaded,
