@@ -145,5 +145,4 @@ def setup(level: str = "info", fmt: str = "logfmt", stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(PY_LEVELS[level])
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
