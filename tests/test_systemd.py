@@ -256,6 +256,7 @@ def test_service_basics(unit):
     assert last(service, "RestartSec")
     assert values(service, "EnvironmentFile") == ["-/etc/default/ollama-exporter"]
     assert values(service, "ExecStart") == [f"{SHIPPED_EXEC} $OLLAMA_EXPORTER_ARGS"]
+    assert values(service, "ExecReload") == ["/bin/kill -HUP $MAINPID"]  # the daemon reloads on SIGHUP
     assert list_setting(unit_section, "Wants") == ["network-online.target"]
     assert {"network-online.target", "ollama.service"} <= set(list_setting(unit_section, "After"))
     for strong in ("Requires", "BindsTo", "Requisite", "PartOf"):
