@@ -38,8 +38,9 @@ def up():
 @contextmanager
 def running(url: str, forget_after: str = "1h") -> Iterator[tuple[Daemon, str]]:
     port = free_port()
-    flags = {"ollama.url": url, "poll.interval": "100ms", "poll.forget_after": forget_after, "ollama.timeout": "500ms", "gpu.enabled": "false",
-             "runners.enabled": "false", "probes.enabled": False, "web.listen_address": (f"127.0.0.1:{port}",)}
+    flags = {"ollama.url": url, "poll.interval": "100ms", "poll.forget_after": forget_after,
+             "ollama.timeout": "500ms", "gpu.enabled": "false", "runners.enabled": "false", "probes.enabled": False,
+             "web.listen_address": (f"127.0.0.1:{port}",)}
     daemon = Daemon(None, flags, build_config(None, flags, environ={}))
     daemon.start()
     base = f"http://127.0.0.1:{port}"
