@@ -105,20 +105,25 @@ class OllamaClient:
         """
         import time
 
-        buffer = b""
+        pending: list[bytes] = []  # the pieces of the line still arriving: joined once, when it ends, so a
+        size = 0  # line sent a byte per packet costs linear time (it cost seconds of CPU per 100 KB)
         with self._errors(path):
             for chunk in self.http.stream("POST", path, _json_body(payload), timeout=timeout,
                                           max_bytes=MAX_STREAM_BYTES, headers=headers):
                 arrived = time.monotonic()
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                if len(buffer) > MAX_LINE_BYTES:
+                *lines, rest = chunk.split(b"\n")
+                if lines:
+                    lines[0], pending, size = b"".join(pending) + lines[0], [], 0
+                pending.append(rest)
+                size += len(rest)
+                if size > MAX_LINE_BYTES or (lines and len(lines[0]) > MAX_LINE_BYTES):
                     raise OllamaError("invalid_response", f"{path}: a stream line longer than {MAX_LINE_BYTES} bytes")
                 for line in lines:
                     if line.strip():
                         yield arrived, _json(path, line)
-            if buffer.strip():
-                yield time.monotonic(), _json(path, buffer)
+            tail = b"".join(pending)
+            if tail.strip():
+                yield time.monotonic(), _json(path, tail)
 
     # --- transport ---
 
