@@ -209,3 +209,35 @@ def test_a_snapshot_that_cannot_be_collected_keeps_the_last_good_families(up, mo
         assert "trigger" not in text
         serve(up, [row("ok:1")])
         wait_for(lambda: status(base + "/-/ready")[0] == 200, timeout=5, message="ready again")
+
+
+# --- signals an unlucky operator (or a supervisor) sends ---
+
+def test_a_storm_of_sighups_reloads_without_dying(fake_ollama, exporter_factory, tmp_path):
+    import signal
+
+    config = tmp_path / "config.yml"
+    config.write_text(f"ollama:\n  url: {fake_ollama.url}\npoll:\n  interval: 200ms\nprobes:\n  enabled: false\n")
+    exp = exporter_factory("--config.file", str(config)).wait_ready()
+    for _ in range(50):
+        exp.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.005)
+    time.sleep(1.0)
+    assert exp.proc.poll() is None
+    assert status(exp.url + "/-/ready") == (200, "OK")
+    reloads = [r for r in exp.log_records() if r["msg"] == "configuration reloaded"]
+    assert 1 <= len(reloads) <= 50  # coalesced while one runs, never run concurrently
+
+
+def test_stopped_and_continued_it_serves_fresh_data_again(fake_ollama, exporter_factory):
+    """SIGSTOP (a debugger, a frozen VM, a cgroup freezer) then SIGCONT: no crash, and polls resume."""
+    import signal
+
+    exp = exporter_factory("--ollama.url", fake_ollama.url, "--poll.interval", "200ms", "--no-probes.enabled"
+                           ).wait_ready()
+    exp.proc.send_signal(signal.SIGSTOP)
+    time.sleep(2.0)
+    exp.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: time.time() - sample(exp.metrics(), "ollama_exporter_snapshot_timestamp_seconds") < 1,
+             timeout=5, message="a fresh snapshot after SIGCONT")
+    assert status(exp.url + "/-/healthy") == (200, "OK")
