@@ -376,3 +376,28 @@ def test_a_name_of_ten_thousand_characters_drops_its_row(up):
     text = exposition.get().data.decode()
     assert sample(text, "ollama_exporter_dropped_models_total", source="ps", reason="invalid") == 1
     assert "x" * 600 not in text and sample(text, "ollama_loaded_model_size_bytes", model="ok:1") == 100
+
+
+def test_a_hostile_show_answer_leaves_out_what_is_out_of_range(up):
+    serve(up, [row("m:1")])
+    show = {"model_info": {"general.architecture": "llama", "llama.context_length": 10**30,
+                           "general.parameter_count": -1},
+            "capabilities": ["completion"] + [f"cap{i}\n# HELP x" for i in range(1000)] + ["x" * 1000],
+            "modelfile": "FROM " + "a" * 3_000_000, "details": ["not", "a", "mapping"]}
+    up.reply("POST", "/api/show", body=json.dumps(show).encode())
+    exposition, poller = exposition_after_polls(up)
+    text = exposition.get().data.decode()
+    assert exposition.healthy and sample(text, "ollama_exporter_source_up", source="show") == 1
+    assert sample(text, "ollama_model_context_length", model="m:1") is None
+    assert sample(text, "ollama_model_parameters", model="m:1") is None
+    capabilities = [line for line in text.splitlines() if line.startswith("ollama_model_capability{")]
+    assert capabilities == ['ollama_model_capability{capability="completion",model="m:1"} 1.0']
+
+
+def test_a_show_answer_that_is_not_an_object_is_a_show_error_and_the_poll_goes_on(up):
+    serve(up, [row("m:1")])
+    up.reply("POST", "/api/show", body=b'[{"model_info": {}}]')
+    exposition, _ = exposition_after_polls(up)
+    text = exposition.get().data.decode()
+    assert sample(text, "ollama_up") == 1 and sample(text, "ollama_loaded_model_size_bytes", model="m:1") == 100
+    assert sample(text, "ollama_exporter_source_errors_total", source="show", reason="invalid_response") == 1
