@@ -26,6 +26,7 @@ from ollama_exporter.gpu import GpuSource
 from ollama_exporter.logfollow import LogFollower
 from ollama_exporter.logsources import FileSource, JournaldSource, PipeSource
 from ollama_exporter.logstate import StateFile, default_state_path
+from ollama_exporter.memory import tune_allocator
 from ollama_exporter.multitarget import MultiTarget
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
@@ -164,6 +165,7 @@ class Daemon:
         """Bind the listeners (OSError if one cannot be bound) and start polling, probing and serving."""
         config = self.now.config
         raise_fd_limit()
+        tune_allocator()  # before any thread starts: memory a burst took goes back afterwards
         sockets = []
         for (host, port), address in zip(config.listen, config.web_listen_address):
             try:

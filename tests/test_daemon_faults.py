@@ -241,3 +241,38 @@ def test_stopped_and_continued_it_serves_fresh_data_again(fake_ollama, exporter_
     wait_for(lambda: time.time() - sample(exp.metrics(), "ollama_exporter_snapshot_timestamp_seconds") < 1,
              timeout=5, message="a fresh snapshot after SIGCONT")
     assert status(exp.url + "/-/healthy") == (200, "OK")
+
+
+def test_malloc_takes_the_settings_that_let_a_bursts_memory_go_back():
+    """benchmarks/bench_soak.py measures the effect; here: glibc accepts them, and afterwards a 64 KB block
+    is a mapping of its own, unmapped when freed (glibc's default threshold grows with what it sees)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt() is glibc's")
+    check = r'''
+import ctypes, sys
+from ollama_exporter.memory import tune_allocator
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mapped():
+    return libc.mallinfo2().hblks  # chunks in mappings of their own
+if sys.argv[1] == "tuned":
+    assert tune_allocator()
+before = mapped()
+blocks = [bytearray(64 * 1024) for _ in range(50)]
+during = mapped() - before
+del blocks
+print(during, mapped() - before)
+'''
+    tuned, default = (subprocess.run([sys.executable, "-c", check, arg], capture_output=True, text=True, timeout=30)
+                      for arg in ("tuned", "default"))
+    assert tuned.returncode == 0 and default.returncode == 0, tuned.stderr + default.stderr
+    (during, after), (default_during, _) = ([int(n) for n in r.stdout.split()] for r in (tuned, default))
+    assert during >= 45 and after <= 0  # each block mapped on its own, and unmapped when freed
+    assert default_during <= 5  # by default in the heap, where freed space stays
