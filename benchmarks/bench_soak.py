@@ -27,9 +27,7 @@ import os
 import select
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import free_port  # noqa: E402
+from tests import conftest  # noqa: E402
 from tests.fakes.hostile import ScriptedServer, head  # noqa: E402
 
 STEADY_INSTALLED, STEADY_LOADED = 20, 4
@@ -132,26 +130,14 @@ def scripted_ollama(churn: Churn) -> ScriptedServer:
 # --- the exporter process and what /proc says about it ------------------------------------------------
 
 class Exporter:
+    """The daemon as a child process (tests/conftest.py's, which checks every log line at stop), and what
+    /proc says about it."""
+
     def __init__(self, ollama_url: str, interval: str, forget_after: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="soak-", suffix=".log", delete=False)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_EXPORTER_", "OLLAMA_HOST"))}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ollama_exporter", "--web.listen-address", f"127.0.0.1:{self.port}",
-             "--ollama.url", ollama_url, "--poll.interval", interval, "--poll.forget-after", forget_after,
-             "--no-probes.enabled", "--gpu.enabled", "false", "--runners.enabled", "false"],
-            stdout=subprocess.DEVNULL, stderr=self.log, env=env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        else:
-            raise SystemExit(f"the exporter did not become ready: {Path(self.log.name).read_text()[-2000:]}")
+        self.exporter = conftest.Exporter("--ollama.url", ollama_url, "--poll.interval", interval,
+                                          "--poll.forget-after", forget_after, "--no-probes.enabled",
+                                          "--gpu.enabled", "false", "--runners.enabled", "false").wait_ready(30)
+        self.proc, self.port, self.url = self.exporter.proc, self.exporter.port, self.exporter.url
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -170,16 +156,10 @@ class Exporter:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def log_bytes(self) -> int:
-        return os.path.getsize(self.log.name)
+        return os.path.getsize(self.exporter.log_file.name)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.unlink(self.log.name)
+        self.exporter.stop()
 
 
 # --- the scraper and the flood ---------------------------------------------------------------------
