@@ -30,6 +30,7 @@ LOG_FORMATS = ("logfmt", "json")
 API_SOURCES = ("version", "ps", "tags", "show")
 ENV_PREFIX = "OLLAMA_EXPORTER_"
 MAX_FILE_BYTES = 1024 * 1024  # a config file is a few hundred bytes; refuse to read a runaway one
+MAX_YAML_VALUES = 100_000  # values in one file with its aliases expanded (a real one has a few dozen)
 LOG_SOURCES = ("none", "journald", "file", "stdin", "command")
 
 
@@ -497,16 +498,45 @@ def read_file_text(path: str, what: str = "config file") -> str:
         raise ConfigError(f"{what} {path}: not valid UTF-8 (line {line}, byte {exc.start})") from None
 
 
-def load_yaml(path: str, what: str = "config file") -> Any:
-    """Parse a YAML file with an error that names the file, line and column."""
+def load_yaml(path: str, what: str = "config file", loader: type = yaml.SafeLoader) -> Any:
+    """Parse a YAML file with an error that names the file, line and column.
+
+    Refused with one line, before anything walks or prints the data: nesting deep enough to exhaust the
+    parser's recursion, and aliases that expand to more than MAX_YAML_VALUES values (a "billion laughs"
+    file is a few hundred bytes; printing one of its values in an error message used to run for ever).
+    """
     text = read_file_text(path, what)
     try:
-        return yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader (or a subclass)
+    except RecursionError:
+        raise ConfigError(f"{what} {path}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{what} {path}: invalid YAML{at}: {problem}") from None
+    if _expanded_size(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise ConfigError(f"{what} {path}: more than {MAX_YAML_VALUES} values once YAML aliases are expanded")
+    return data
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """How many values `data` holds with every alias expanded, counting each shared node once per use,
+    in time linear in the distinct nodes (sizes are memoised by identity); stops counting past `limit`."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if done:
+            sizes[id(node)] = min(limit + 1, 1 + sum(sizes.get(id(c), 1) for c in children))
+        elif id(node) not in sizes:
+            sizes[id(node)] = limit + 1  # until computed: a node that contains itself is too big
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if isinstance(c, (dict, list)) and id(c) not in sizes)
+    return sizes.get(id(data), 1)
 
 
 def load_file(path: str) -> dict[str, Any]:

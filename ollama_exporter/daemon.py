@@ -26,6 +26,7 @@ from ollama_exporter.gpu import GpuSource
 from ollama_exporter.logfollow import LogFollower
 from ollama_exporter.logsources import FileSource, JournaldSource, PipeSource
 from ollama_exporter.logstate import StateFile, default_state_path
+from ollama_exporter.memory import tune_allocator
 from ollama_exporter.multitarget import MultiTarget
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
@@ -156,6 +157,7 @@ class Daemon:
         self._prober_stop: Optional[threading.Event] = None
         self.server: Optional[Server] = None
         self.targets = MultiTarget(config, lambda accept: render(self.exposition.snapshot, accept))
+        self._poll_thread: Optional[threading.Thread] = None
 
     # --- start and stop ---
 
@@ -163,6 +165,7 @@ class Daemon:
         """Bind the listeners (OSError if one cannot be bound) and start polling, probing and serving."""
         config = self.now.config
         raise_fd_limit()
+        tune_allocator()  # before any thread starts: memory a burst took goes back afterwards
         sockets = []
         for (host, port), address in zip(config.listen, config.web_listen_address):
             try:
@@ -173,7 +176,8 @@ class Daemon:
                 raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
         if self.poller.logs is not None:
             self.poller.logs.start()
-        threading.Thread(target=self.poller.run, args=(self.stop,), name="poller", daemon=True).start()
+        self._poll_thread = threading.Thread(target=self.poller.run, args=(self.stop,), name="poller", daemon=True)
+        self._poll_thread.start()
         self._apply_probes(config)
         self.server = Server(self, sockets)
         self.server.start()
@@ -209,13 +213,23 @@ class Daemon:
     def web(self) -> Optional[WebConfig]:
         return self.now.web
 
-    def ready(self) -> tuple[bool, str]:
-        """Ready once the first poll has finished, while polls keep finishing and rendering works."""
-        if not self.exposition.snapshot.ready:
-            return False, "waiting for the first poll"
+    def healthy(self) -> tuple[bool, str]:
+        """Healthy while the poll loop runs and keeps publishing snapshots: a dead or stuck loop would
+        leave /metrics serving frozen data, which a liveness check (Kubernetes, HEALTHCHECK) should restart."""
+        if self._poll_thread is not None and not self._poll_thread.is_alive() and not self.stop.is_set():
+            return False, "the poll loop has stopped"
         stalled = self.poller.stalled_for()
         if stalled is not None:
             return False, f"the poll loop has not finished a poll for {stalled:.0f}s"
+        return True, "OK"
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready once the first poll has finished, while the poll loop is healthy and rendering works."""
+        alive, why = self.healthy()
+        if not alive:
+            return False, why
+        if not self.exposition.snapshot.ready:
+            return False, "waiting for the first poll"
         if not self.exposition.healthy:
             return False, "rendering the metrics failed; serving the last good exposition"
         return True, "OK"

@@ -14,9 +14,13 @@ format is rendered, in the poll thread, only while scrapers have asked for it re
 scrape gets the text format (which every Prometheus-compatible scraper accepts). A scrape never renders
 and never takes a lock: it reads one dict that update() replaces whole.
 
-If a family cannot be rendered (it should not happen: values are validated where Ollama's answers are
-parsed), its last good rendition is served, the failure is counted in
-ollama_exporter_render_failures_total, and `healthy` is False until a render succeeds again.
+If a series cannot be rendered (it should not happen: values are validated where Ollama's answers are
+parsed), it is left out and the rest of its family stays current; if a family fails as a whole, its
+last good rendition is served; if a snapshot cannot be turned into families at all, the
+last families that could are served (their ollama_exporter_snapshot_timestamp_seconds says how old they
+are); if a whole render fails, the last bodies stay. Each failure is counted in
+ollama_exporter_render_failures_total, and `healthy` (which /-/ready reports) is False until a render
+succeeds again.
 """
 
 from __future__ import annotations
@@ -108,10 +112,11 @@ class _Shape:
 class _FamilyText:
     """The last rendition of one family: its rows, their lines, and its body in each format."""
 
-    __slots__ = ("rows", "lines", "body", "deflated")
+    __slots__ = ("rows", "lines", "body", "left_out", "deflated")
 
-    def __init__(self, rows: list, lines: dict, body: str):
+    def __init__(self, rows: list, lines: dict, body: str, left_out: int = 0):
         self.rows, self.lines, self.body = rows, lines, body
+        self.left_out = left_out  # rows that could not be rendered
         self.deflated: dict[str, tuple[bytes, bytes]] = {}  # format -> (encoded body, its deflate block)
 
 
@@ -146,25 +151,40 @@ class Writer:
             del self._last[name]
 
     def _family(self, family: Family) -> tuple[Optional[_FamilyText], bool]:
+        """The family's text and whether it is whole. A row that cannot be rendered (a value that got past
+        validation) is left out and counted, so the family's other series stay current; if the family
+        as a whole fails, its last good rendition is served."""
         name = family.d.name
         last = self._last.get(name)
         if last is not None and last.rows == family.rows:
-            return last, True
+            return last, not last.left_out
         try:
             old = last.lines if last is not None else {}
             lines: dict = {}
+            left_out = 0
             for row in family.rows:
-                line = old.get(row) or lines.get(row) or self._line(family.d, row)
+                line = old.get(row) or lines.get(row)
+                if line is None:
+                    try:
+                        line = self._line(family.d, row)
+                        line.encode("utf-8")  # fail here, not in the middle of a response
+                    except (ValueError, TypeError, OverflowError):  # UnicodeEncodeError is a ValueError
+                        left_out += 1
+                        continue
                 lines[row] = line
-            text = _FamilyText(list(family.rows), lines, "".join(lines[row] for row in family.rows))
-            text.body.encode("utf-8")  # fail here, not in the middle of a response
+            text = _FamilyText(list(family.rows), lines, "".join(lines[r] for r in family.rows if r in lines),
+                               left_out)
         except Exception:  # noqa: BLE001 - one bad family must not take the exposition down
             self.failures += 1
             log.error("cannot render a metric family, serving its last good rendition", exc_info=True,
                       extra={"metric": name})
             return last, False
+        if left_out:
+            self.failures += 1
+            log.error("cannot render some series of a metric family, leaving them out",
+                      extra={"metric": name, "count": left_out})
         self._last[name] = text
-        return text, True
+        return text, not left_out
 
     def _line(self, d: Def, row: tuple) -> str:
         labels, value = row
@@ -262,6 +282,7 @@ class Exposition:
         self._wanted: dict[tuple[str, bool], float] = {}  # variant -> when a scrape last asked for it
         self._bodies: dict[tuple[str, bool], Body] = {}
         self._current = Snapshot.empty()
+        self._families: list[Family] = []  # of the last snapshot that could be collected
         self.healthy = True
         self.update(Snapshot.empty())  # until the first poll: ollama_up 0 and the exporter's own metrics
 
@@ -280,16 +301,29 @@ class Exposition:
 
     def _render(self, snapshot: Snapshot) -> None:
         now = self.clock()
-        families = list(collect(snapshot))
-        failures = DEFS["ollama_exporter_render_failures_total"].family()
-        failures.add((), float(self._writer.failures))
-        families.append(failures)
+        self._current = snapshot
+        try:
+            self._families, collected = list(collect(snapshot)), True
+        except Exception:  # noqa: BLE001 - a bug in one snapshot must not freeze the exposition
+            self._writer.failures += 1
+            log.error("cannot collect the metrics of a snapshot, serving the last good ones", exc_info=True)
+            collected = False  # self._families: the last snapshot that could be collected
         wanted = [v for v, asked in self._wanted.items() if now - asked < WANTED_FOR]
         variants = dict.fromkeys([(TEXT, False), *wanted])
-        prepared, ok = self._writer.prepare(families)
-        bodies = {(fmt, gzipped): self._variant(prepared, fmt, gzipped) for fmt, gzipped in variants}
+        try:
+            prepared, ok = self._writer.prepare(self._families)
+            failures = DEFS["ollama_exporter_render_failures_total"].family()
+            failures.add((), float(self._writer.failures))  # after prepare(): this render's failures count
+            prepared += self._writer.prepare([failures])[0]
+            families = [*self._families, failures]
+            bodies = {(fmt, gzipped): self._variant(prepared, fmt, gzipped) for fmt, gzipped in variants}
+        except Exception:  # noqa: BLE001 - keep serving the bodies of the last render
+            self._writer.failures += 1
+            log.error("cannot render the exposition, serving the last good one", exc_info=True)
+            self.healthy = False
+            return
         self._writer.forget({f.d.name for f in families})
-        self._current, self._bodies, self.healthy = snapshot, bodies, ok
+        self._bodies, self.healthy = bodies, ok and collected
 
     def _variant(self, prepared: list, fmt: str, gzipped: bool) -> Body:
         registry = self._registry if self.runtime_metrics else None

@@ -30,6 +30,11 @@ USER_AGENT = f"ollama-exporter/{__version__}"
 # ~600 bytes, so those two get ROW_BYTES per allowed model (what is parsed stays a small multiple of it).
 MAX_BYTES = {"/api/version": 64 * 1024, "/api/show": 16 << 20, "/api/embed": 16 << 20}
 ROW_BYTES = 2048
+# Most JSON values (objects, arrays, members and elements) parsed from one answer, counted before parsing:
+# the byte cap alone let 9 MB of `{"models":[{},{},...]}` become 3 million dicts (230 MB, 15 s of CPU).
+# Real /api/ps and /api/tags rows hold at most 17 (captured answers); /api/show with tensors ~2 300.
+MAX_VALUES = {"/api/version": 1000, "/api/show": 200_000, "/api/embed": 200_000}
+ROW_VALUES = 32
 MAX_STREAM_BYTES = 16 << 20  # a probe's whole /api/generate stream
 MAX_LINE_BYTES = 1 << 20  # one NDJSON line of it
 MAX_NAME = 512
@@ -100,20 +105,25 @@ class OllamaClient:
         """
         import time
 
-        buffer = b""
+        pending: list[bytes] = []  # the pieces of the line still arriving: joined once, when it ends, so a
+        size = 0  # line sent a byte per packet costs linear time (it cost seconds of CPU per 100 KB)
         with self._errors(path):
             for chunk in self.http.stream("POST", path, _json_body(payload), timeout=timeout,
                                           max_bytes=MAX_STREAM_BYTES, headers=headers):
                 arrived = time.monotonic()
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                if len(buffer) > MAX_LINE_BYTES:
+                *lines, rest = chunk.split(b"\n")
+                if lines:
+                    lines[0], pending, size = b"".join(pending) + lines[0], [], 0
+                pending.append(rest)
+                size += len(rest)
+                if size > MAX_LINE_BYTES or (lines and len(lines[0]) > MAX_LINE_BYTES):
                     raise OllamaError("invalid_response", f"{path}: a stream line longer than {MAX_LINE_BYTES} bytes")
                 for line in lines:
                     if line.strip():
                         yield arrived, _json(path, line)
-            if buffer.strip():
-                yield time.monotonic(), _json(path, buffer)
+            tail = b"".join(pending)
+            if tail.strip():
+                yield time.monotonic(), _json(path, tail)
 
     # --- transport ---
 
@@ -128,7 +138,7 @@ class OllamaClient:
             raise _status_error(path, answer.status, answer.body)
         if not 200 <= answer.status < 300:
             raise OllamaError("invalid_response", f"{path}: unexpected HTTP status {answer.status}")
-        body = _json(path, answer.body)
+        body = _json(path, answer.body, self._max_values(path))
         if not isinstance(body, dict):
             raise OllamaError("invalid_response", f"{path}: answer is not a JSON object")
         return body
@@ -137,6 +147,11 @@ class OllamaClient:
         if path in ("/api/ps", "/api/tags"):
             return max(2 << 20, self.max_models * ROW_BYTES)
         return MAX_BYTES.get(path, 16 << 20)
+
+    def _max_values(self, path: str) -> int:
+        if path in ("/api/ps", "/api/tags"):
+            return 1024 + self.max_models * ROW_VALUES
+        return MAX_VALUES.get(path, 200_000)
 
     def _errors(self, path: str):
         return _translate(path, self.shown_url)
@@ -196,8 +211,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json(path: str, data: bytes) -> Any:
-    """Strict JSON: no NaN or Infinity, no integer too long to parse, no nesting deep enough to recurse out."""
+def _json(path: str, data: bytes, max_values: int = 200_000) -> Any:
+    """Strict JSON: no NaN or Infinity, no integer too long to parse, no nesting deep enough to recurse out,
+    and no more than about `max_values` values (every value but the first in an array or object follows
+    a comma, so commas plus brackets bound them; commas inside strings only make the count cautious)."""
+    values = data.count(b",") + data.count(b"{") + data.count(b"[")
+    if values > max_values:
+        raise OllamaError("invalid_response", f"{path}: answer holds more than {max_values} JSON values")
     try:
         return json.loads(data, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 API_SOURCES = ("version", "ps", "tags", "show")  # Ollama's endpoints; "show" covers every /api/show call
 SOURCES = API_SOURCES + ("gpu", "runners")
 SHOW_CONCURRENCY = 4
+STALL_GRACE = 30.0  # seconds beyond 3 intervals and a timeout before a loop that publishes nothing is stalled
+MAX_WAIT = 3600.0  # the longest wait between polls (Event.wait overflows on absurd intervals)
 _SHOW_POOL: Optional[ThreadPoolExecutor] = None
 
 
@@ -158,11 +160,13 @@ class Poller:
         self._listeners.append(listener)
 
     def stalled_for(self) -> Optional[float]:
-        """Seconds since the last poll finished, when that is far longer than a poll can take; else None."""
+        """Seconds since the loop last published a snapshot (or started), when that is far longer than a
+        poll can take; else None. A loop that hangs, or whose every poll raises, is stalled: the data is
+        frozen, whatever the thread is doing."""
         if self._heartbeat is None:
             return None
         since = time.monotonic() - self._heartbeat
-        return since if since > 3 * self.interval + self.client.timeout + 30 else None
+        return since if since > 3 * self.interval + self.client.timeout + STALL_GRACE else None
 
     def wake(self) -> None:
         """Poll now rather than at the end of the interval (after a reload, say)."""
@@ -170,14 +174,15 @@ class Poller:
 
     def run(self, stop: threading.Event) -> None:
         """Poll every `interval` until `stop` is set; an exception in one poll never ends the loop."""
+        self._heartbeat = time.monotonic()  # a first poll that never ends is a stall too
         while not stop.is_set():
             started = time.monotonic()
             try:
                 self.poll_once()
+                self._heartbeat = time.monotonic()
             except Exception:
                 log.exception("poll failed unexpectedly")
-            self._heartbeat = time.monotonic()
-            self._wake.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self._wake.wait(min(MAX_WAIT, max(0.0, self.interval - (time.monotonic() - started))))
             self._wake.clear()
 
     def poll_once(self, deadline: Optional[float] = None) -> Snapshot:

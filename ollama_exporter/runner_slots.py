@@ -15,19 +15,19 @@ answered the request the poll gave up on (or HOLD_SECONDS passed).
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from ollama_exporter import runners
+from ollama_exporter import __version__, runners
+from ollama_exporter.httpclient import HttpClient, HttpError
 from ollama_exporter.snapshot import InstalledModel, LoadedModel
 
 MAX_BODY = 4 * 1024 * 1024
+USER_AGENT = f"ollama-exporter/{__version__}"
 # How long a request to a runner is left to answer after its poll gave up on it. Until then it counts as
 # in flight and the runner is not asked again: a runner that is slow to answer (a long prefill holds its
 # loop) never sees a pile of abandoned requests.
@@ -84,32 +84,22 @@ class RunnerError(Exception):
 
 
 def get_json(port: int, path: str, timeout: float, host: str = "127.0.0.1") -> tuple[int, Any]:
-    """GET http://host:port/path within `timeout` seconds in total; (status, parsed JSON or None)."""
-    deadline = time.monotonic() + timeout
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    """GET http://host:port/path within `timeout` seconds in total, headers included (the deadline-enforcing
+    client: a runner sending a byte now and then cannot hold the call past it); (status, JSON or None)."""
+    client = HttpClient(f"http://{host}:{port}", USER_AGENT)
     try:
-        conn.request("GET", path, headers={"Accept": "application/json"})
-        resp = conn.getresponse()
-        body = b""
-        while len(body) <= MAX_BODY:
-            chunk = resp.read1(65536)
-            if not chunk:
-                break
-            body += chunk
-            if time.monotonic() > deadline:
-                raise socket.timeout()
-    except socket.timeout:
-        raise RunnerError("timeout", f"{path} on port {port}: no answer within {timeout:g}s") from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise RunnerError("connection", f"{path} on port {port}: {exc}") from None
-    finally:
-        conn.close()
-    if len(body) > MAX_BODY:
-        raise RunnerError("invalid_response", f"{path} on port {port}: answer larger than {MAX_BODY} bytes")
+        answer = client.request("GET", path, timeout=timeout, max_bytes=MAX_BODY)
+    except HttpError as exc:
+        reason = exc.reason if exc.reason in ("timeout", "connection") else "invalid_response"
+        raise RunnerError(reason, f"port {port}: {exc}") from None
     try:
-        return resp.status, json.loads(body) if body else None
-    except ValueError:
-        return resp.status, None
+        return answer.status, json.loads(answer.body, parse_constant=_not_json) if answer.body else None
+    except (ValueError, RecursionError):  # not JSON, NaN, or nested too deeply to parse
+        return answer.status, None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 @dataclass

@@ -110,6 +110,8 @@ class App(Protocol):
     @property
     def web(self) -> Any: ...  # webconfig.WebConfig or None
 
+    def healthy(self) -> tuple[bool, str]: ...
+
     def ready(self) -> tuple[bool, str]: ...
 
     def reload(self) -> tuple[bool, str]: ...
@@ -430,7 +432,8 @@ class _Connection(asyncio.Protocol):
                                        metrics=html.escape(config.web_telemetry_path))
             self._respond(request, Response(200, page.encode(), "text/html; charset=utf-8"))
         elif path == "/-/healthy" and get_like:
-            self._respond(request, Response.text(200, "OK"))
+            ok, why = app.healthy()
+            self._respond(request, Response.text(200 if ok else 503, "OK" if ok else why))
         elif path == "/-/ready" and get_like:
             ok, why = app.ready()
             self._respond(request, Response.text(200 if ok else 503, "OK" if ok else why))

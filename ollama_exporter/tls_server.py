@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -271,7 +272,13 @@ def _pem(where: str, key: str, path: str, inline: str) -> Iterator[str]:
 
 
 def _readable(where: str, key: str, path: str) -> str:
+    """`path` if it is a regular file (or /dev/null) we can open: a FIFO would block the reader, and a
+    device such as /dev/zero would be read for ever, here and in OpenSSL."""
     try:
+        st = os.stat(path)
+        null = stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
+        if not stat.S_ISREG(st.st_mode) and not null:
+            raise ConfigError(f"{where}: tls_server_config.{key}: cannot read {path}: not a regular file")
         with open(path, "rb"):
             return path
     except OSError as exc:

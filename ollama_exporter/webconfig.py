@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Optional
 import yaml
 
 from ollama_exporter.basic_auth import BasicAuth, hash_problem
-from ollama_exporter.config import ConfigError
+from ollama_exporter.config import ConfigError, load_yaml
 from ollama_exporter.tls_server import KEYS as TLS_KEYS
 from ollama_exporter.tls_server import TLSSettings, client_cert_problem, parse_tls_settings, server_context
 
@@ -125,13 +125,8 @@ def _where(path: str) -> str:
 def load_web_config(path: str) -> WebConfig:
     """Read and validate a web config file; every problem is a ConfigError naming the file and key."""
     where = _where(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(exc)}") from None
+    # a regular file of bounded size, UTF-8, nesting and aliases bounded: a FIFO here used to hang
+    data = load_yaml(path, "web config file", _StrictLoader)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping with {', '.join(SECTIONS)}, got {type(data).__name__}")
@@ -253,9 +248,3 @@ class _StrictLoader(yaml.SafeLoader):
             if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep)
-
-
-def _yaml_problem(exc: Exception) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"{problem} (line {mark.line + 1})" if mark is not None else problem

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -279,3 +280,61 @@ def test_group_options_apply_to_the_subcommand(fake_ollama):
     # the subcommand's own flag wins over the group's
     result = run_cli("--ollama.url", "http://127.0.0.1:9", "probe", "--ollama.url", fake_ollama.url)
     assert result.returncode == 0 and fake_ollama.count("/api/generate") == 2
+
+
+# --- hostile config files: each is refused with one line, at once, without reading or walking it all ---
+
+def alias_bomb(prefix: str, indent: int) -> str:
+    """A "billion laughs": nine levels of nine aliases, 9**9 strings once expanded, in 600 bytes."""
+    pad = " " * indent
+    lines = [prefix, f'{pad}- &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{pad}- &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("flag, text, message", [
+    ("--config.file", alias_bomb("probes:\n  models:", 4), "more than 100000 values once YAML aliases are expanded"),
+    ("--config.file", alias_bomb("multi_target:\n  modules:\n    m:\n      sources:", 8), "more than 100000 values"),
+    ("--web.config.file", alias_bomb("http_server_config:\n  headers:\n    X-Frame-Options:", 6), "more than 100000"),
+    ("--config.file", "poll: " + "[" * 50_000 + "]" * 50_000 + "\n", "invalid YAML: nested too deeply"),
+    ("--web.config.file", "basic_auth_users: " + "{a: " * 50_000 + "}" * 50_000 + "\n", "nested too deeply"),
+    ("--config.file", "probes:\n  models: &a [*a]\n", "more than 100000 values"),  # an alias inside itself
+    ("--config.file", "# padding\n" * 300_000, "larger than 1048576 bytes"),  # 3 MB
+    ("--web.config.file", "# padding\n" * 300_000, "larger than 1048576 bytes"),
+])
+def test_hostile_config_files_are_one_line_exit_2_and_quick(tmp_path, flag, text, message):
+    """An alias bomb in a known key used to run for ever (its value printed in the error), deep nesting
+    printed a RecursionError traceback, and the web config file was read whole whatever its size."""
+    import time
+
+    path = tmp_path / "hostile.yml"
+    path.write_text(text)
+    started = time.monotonic()
+    result = run_cli(flag, str(path), "--config.check")
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-500:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], lines
+
+
+def test_aliases_of_a_sane_size_still_work(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("multi_target:\n  modules:\n    a: &quick {timeout: 2s, sources: [version, ps]}\n    b: *quick\n")
+    config = build_config(str(path), environ={})
+    assert config.module("a") == replace(config.module("b"), name="a")
+
+
+@pytest.mark.parametrize("what", ["web config", "certificate"])
+def test_a_fifo_as_a_web_config_or_certificate_file_is_refused_without_reading(tmp_path, what):
+    """open() of a FIFO blocks until someone writes to it: the exporter used to hang at start or reload."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    if what == "web config":
+        web = fifo
+    else:
+        web = tmp_path / "web.yml"
+        web.write_text(f"tls_server_config:\n  cert_file: {fifo}\n  key_file: {fifo}\n")
+    result = run_cli("--web.config.file", str(web), "--config.check")  # run_cli gives up after 30 s
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"{fifo}: not a regular file"), result.stderr

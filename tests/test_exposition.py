@@ -7,6 +7,7 @@ import gzip
 import shutil
 import subprocess
 import zlib
+from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -162,21 +163,52 @@ def test_gzip_member_of_reused_blocks_is_valid():
     assert gzip.decompress(gzip_member(b"".join(blocks), plain)) == plain
 
 
-def test_a_family_that_cannot_be_rendered_keeps_its_last_good_rendition():
+def test_a_series_that_cannot_be_rendered_is_left_out_and_the_rest_stays_current():
     exp = Exposition(runtime_metrics=False)
     good = rich_snapshot()
     exp.update(good)
     assert exp.healthy and b'model="qwen3:8b"' in exp.get().data
-    broken = good.__class__(**{**good.__dict__, "installed": (
-        good.installed[0].__class__(**{**good.installed[0].__dict__, "name": "bad\ud800name"}),)})
-    exp.update(broken)  # a lone surrogate cannot be encoded: only that family falls back
+    bad = replace(good.installed[0], name="bad\ud800name")
+    renamed = replace(good.installed[1], size=123)
+    exp.update(replace(good, installed=(bad, renamed)))  # a lone surrogate cannot be encoded
     body = exp.get().data.decode()
     assert not exp.healthy and exp.render_failures >= 1
-    assert 'ollama_model_info{' in body and 'model="qwen3:8b"' in body  # the last good rendition
-    assert "ollama_up 1.0" in body
+    assert "bad" not in body and "ollama_up 1.0" in body
+    assert f'ollama_model_size_bytes{{model="{renamed.name}"}} 123.0' in body  # current, not the last rendition
+    assert f"ollama_exporter_render_failures_total {float(exp.render_failures)}" in body  # counted at once
+    exp.update(replace(good, installed=(bad, renamed)))  # the same rows again: still not whole
+    assert not exp.healthy
     exp.update(good)
     assert exp.healthy
-    assert "ollama_exporter_render_failures_total" in exp.get().data.decode()
+
+
+def test_a_family_that_fails_as_a_whole_keeps_its_last_good_rendition():
+    writer = Writer()
+    good = DEFS["ollama_model_loads_total"].family()
+    good.add(("a:1",), 1.0)
+    writer.render([good], TEXT, False)
+    broken = DEFS["ollama_model_loads_total"].family()
+    broken.rows.append(([], 2.0))  # unhashable labels: a bug, not a value
+    body, ok = writer.render([broken], TEXT, False)
+    assert not ok and writer.failures == 1
+    assert b'ollama_model_loads_total{model="a:1"} 1.0' in body
+
+
+def test_a_snapshot_that_cannot_be_collected_keeps_the_last_families_and_counts(monkeypatch):
+    exp = Exposition(runtime_metrics=False)
+    good = rich_snapshot()
+    exp.update(good)
+    before = exp.get().data
+    monkeypatch.setattr(exposition, "collect", lambda snapshot: 1 / 0)
+    exp.update(replace(good, installed=()))  # used to raise out of update(), in the poll thread
+    body = exp.get().data.decode()
+    assert not exp.healthy and exp.render_failures == 1
+    assert "ollama_exporter_render_failures_total 1.0" in body
+    assert body.replace("ollama_exporter_render_failures_total 1.0", "ollama_exporter_render_failures_total 0.0") \
+        == before.decode()
+    monkeypatch.undo()
+    exp.update(good)
+    assert exp.healthy
 
 
 @pytest.mark.parametrize("accept, fmt", [

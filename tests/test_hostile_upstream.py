@@ -246,3 +246,158 @@ def test_the_daemon_keeps_answering_while_upstream_misbehaves(up, exporter_facto
     serve(up, [row("ok:1")])
     wait_for(lambda: sample(exp.metrics(), "ollama_up") == 1, timeout=5, message="recovery within a poll or two")
     assert requests.get(exp.url + "/-/ready", timeout=2).status_code == 200
+
+
+# --- more hostile upstreams (beyond issue 9's list): each is one classified failure, within the deadline ---
+
+def test_a_version_of_a_megabyte_is_refused_by_size(up):
+    up.reply("GET", "/api/version", body=b'{"version": "' + b"9" * 1_000_000 + b'"}')
+    with pytest.raises(OllamaError) as err:
+        OllamaClient(up.url, 2.0).version()
+    assert err.value.reason == "invalid_response" and "larger than 65536 bytes" in str(err.value)
+
+
+def test_a_million_empty_rows_are_refused_before_parsing(up):
+    """9 MB of `{"models":[{},{},...]}` passed the byte cap and became 3 million dicts: 230 MB and 15 s of
+    CPU per answer, in a thread the poll had already given up on."""
+    import tracemalloc
+
+    up.reply("GET", "/api/ps", body=b'{"models":[' + b",".join([b"{}"] * 3_000_000) + b"]}")
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OllamaError) as err:
+            OllamaClient(up.url, 5.0).ps()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.reason == "invalid_response" and "JSON values" in str(err.value)
+    assert time.monotonic() - started < 2.0 and peak < 40e6, peak  # the body itself is 9 MB, read once
+
+
+def test_rows_up_to_max_models_with_the_fields_of_real_answers_are_not_refused_by_count(up):
+    rows = [row(f"m{i}:1", capabilities=["completion", "tools", "vision"]) for i in range(5000)]
+    serve(up, rows)
+    assert len(OllamaClient(up.url, 5.0, max_models=5000).ps()) == 5000
+
+
+def test_duplicated_json_keys_keep_the_last_as_ollamas_go_clients_do(up):
+    body = b'{"models":[{"name":"first:1","name":"last:1","size":1,"size":2}],"models":[{"name":"other:1"}]}'
+    up.reply("GET", "/api/ps", body=body)
+    [model] = OllamaClient(up.url, 2.0).ps()
+    assert model.name == "other:1"  # encoding/json decodes a repeated key into the same field: last wins
+    up.reply("GET", "/api/ps", body=body[:body.index(b"]") + 1] + b"}")
+    [model] = OllamaClient(up.url, 2.0).ps()
+    assert (model.name, model.size) == ("last:1", 2)
+
+
+@pytest.mark.parametrize("steps, reason, words", [
+    ([head(200, b'{"models":[]}', length=1000)], "connection", "bytes short"),  # Content-Length says more
+    ([head(200, b'{"models":[]}  ', length=8)], "invalid_response", "not valid JSON"),  # ... says less
+    ([head(200, length=100)], "connection", "bytes short"),  # closes right after the headers
+    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n"], "connection", "failed"),  # mid-chunk
+    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"], "connection", "failed"),  # bad chunk size
+    ([b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000 + b"\r\n\r\n"], "invalid_response", "not an HTTP answer"),
+    ([b"HTTP/1.1 abc OK\r\n\r\n"], "invalid_response", "not an HTTP answer"),
+    ([b"\x15\x03\x01\x00\x02\x02\x46"], "invalid_response", "not an HTTP answer"),  # a TLS alert: plain HTTP to TLS
+    ([head(204)], "invalid_response", "not valid JSON"),
+    ([head(200, b"<html>nginx</html>", "text/html")], "invalid_response", "not valid JSON"),
+])
+def test_broken_framing_is_one_classified_failure(up, steps, reason, words):
+    up.script("GET", "/api/ps", steps)
+    started = time.monotonic()
+    with pytest.raises(OllamaError) as err:
+        OllamaClient(up.url, 2.0).ps()
+    assert err.value.reason == reason and words in str(err.value), err.value
+    assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("steps", [
+    # a chunked body that never ends: a chunk of two spaces every 50 ms
+    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", *[s for _ in range(200) for s in (b"2\r\n  \r\n", 0.05)]],
+    # "100 Continue" for ever: http.client skips interim answers in a loop
+    [s for _ in range(500) for s in (b"HTTP/1.1 100 Continue\r\n\r\n", 0.02)],
+    # the status line, a byte at a time
+    list(drip(b"HTTP/1.1 200 OK\r\n", every=0.3)),
+])
+def test_answers_that_never_finish_end_at_the_deadline(up, steps):
+    up.script("GET", "/api/ps", steps)
+    started = time.monotonic()
+    with pytest.raises(OllamaError) as err:
+        OllamaClient(up.url, 1.0).ps()
+    assert err.value.reason == "timeout" and time.monotonic() - started < 1.5
+
+
+def test_a_fast_endless_chunked_body_is_cut_at_the_size_cap(up):
+    chunk = b"8000\r\n" + b" " * 0x8000 + b"\r\n"
+    up.script("GET", "/api/ps", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 400])  # 13 MB
+    with pytest.raises(OllamaError) as err:
+        OllamaClient(up.url, 5.0).ps()
+    assert err.value.reason == "invalid_response" and "larger than" in str(err.value)
+
+
+def test_tls_to_a_plain_http_ollama_is_a_connection_error():
+    """ollama.url https://… pointing at Ollama's plain HTTP port: Go's server answers the ClientHello with
+    a 400 in plain text, which is no TLS record."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                         b"Connection: close\r\n\r\n400 Bad Request")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(OllamaError) as err:
+            OllamaClient(f"https://127.0.0.1:{server.getsockname()[1]}", 2.0).ps()
+        assert err.value.reason == "connection" and "TLS" in str(err.value)
+    finally:
+        thread.join(3)
+        server.close()
+
+
+def test_a_redirect_loop_on_the_same_server_stops_after_three(up):
+    up.reply("GET", "/api/ps", 307, extra={"Location": "/api/ps"})
+    with pytest.raises(OllamaError) as err:
+        OllamaClient(up.url, 2.0).ps()
+    assert err.value.reason == "invalid_response" and "more than 3 redirects" in str(err.value)
+    assert up.count("/api/ps") == 4
+
+
+def test_a_name_of_ten_thousand_characters_drops_its_row(up):
+    serve(up, [row("x" * 10_000), row("ok:1")])
+    exposition, _ = exposition_after_polls(up)
+    text = exposition.get().data.decode()
+    assert sample(text, "ollama_exporter_dropped_models_total", source="ps", reason="invalid") == 1
+    assert "x" * 600 not in text and sample(text, "ollama_loaded_model_size_bytes", model="ok:1") == 100
+
+
+def test_a_hostile_show_answer_leaves_out_what_is_out_of_range(up):
+    serve(up, [row("m:1")])
+    show = {"model_info": {"general.architecture": "llama", "llama.context_length": 10**30,
+                           "general.parameter_count": -1},
+            "capabilities": ["completion"] + [f"cap{i}\n# HELP x" for i in range(1000)] + ["x" * 1000],
+            "modelfile": "FROM " + "a" * 3_000_000, "details": ["not", "a", "mapping"]}
+    up.reply("POST", "/api/show", body=json.dumps(show).encode())
+    exposition, poller = exposition_after_polls(up)
+    text = exposition.get().data.decode()
+    assert exposition.healthy and sample(text, "ollama_exporter_source_up", source="show") == 1
+    assert sample(text, "ollama_model_context_length", model="m:1") is None
+    assert sample(text, "ollama_model_parameters", model="m:1") is None
+    capabilities = [line for line in text.splitlines() if line.startswith("ollama_model_capability{")]
+    assert capabilities == ['ollama_model_capability{capability="completion",model="m:1"} 1.0']
+
+
+def test_a_show_answer_that_is_not_an_object_is_a_show_error_and_the_poll_goes_on(up):
+    serve(up, [row("m:1")])
+    up.reply("POST", "/api/show", body=b'[{"model_info": {}}]')
+    exposition, _ = exposition_after_polls(up)
+    text = exposition.get().data.decode()
+    assert sample(text, "ollama_up") == 1 and sample(text, "ollama_loaded_model_size_bytes", model="m:1") == 100
+    assert sample(text, "ollama_exporter_source_errors_total", source="show", reason="invalid_response") == 1

@@ -593,6 +593,43 @@ def test_one_bad_stream_never_stops_a_models_probes(fake, fault, params):
     assert sample(text, "ollama_probe_eval_tokens_total", model="m:1") == 4
 
 
+def hostile_stream(body_steps) -> list:
+    """A streamed /api/generate answer: chunked NDJSON headers, then `body_steps` (bytes or pauses)."""
+    return [b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n",
+            *[b"%x\r\n%s\r\n" % (len(s), s) if isinstance(s, bytes) else s for s in body_steps]]
+
+
+@pytest.mark.parametrize("steps, reason, timeout, cpu", [
+    # issue 9 item 8: probes ignored their timeout while headers dribbled in, as the poll did
+    (lambda: [s for c in b"HTTP/1.1 200 OK\r\n" for s in (bytes([c]), 0.2)], "timeout", 1.0, 0.5),
+    # a stream that never ends: a token line every 50 ms, no done line
+    (lambda: hostile_stream([s for _ in range(400) for s in (b'{"response":"a","done":false}\n', 0.05)]),
+     "timeout", 1.0, 0.5),
+    # a stream without newlines: one line past MAX_LINE_BYTES (it grew memory at 0.83 core before)
+    (lambda: hostile_stream([b"x" * 65536] * 20), "stream_error", 1.0, 0.5),
+    # the same, a byte per chunk: its pieces are joined once, when the line ends (before: the whole line
+    # so far was copied and split again per byte, 2 s of CPU for these 3 s)
+    (lambda: hostile_stream([b"x"] * 100_000 + [10.0]), "timeout", 3.0, 0.75),
+    # many short lines past the stream's total cap (16 MB)
+    (lambda: hostile_stream([b'{"response":"a","done":false}\n' * 2000] * 300), "stream_error", 10.0, 8.0),
+])
+def test_a_hostile_stream_ends_the_probe_within_its_deadline(steps, reason, timeout, cpu):
+    import resource
+
+    from tests.fakes.hostile import ScriptedServer
+
+    with ScriptedServer() as up:
+        up.script("POST", "/api/generate", lambda request: steps())
+        config = replace(Config(), ollama_url=up.url, probes_timeout=timeout)
+        prober = Prober(OllamaClient(up.url, 1.0), config, lambda: None)
+        started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_THREAD)
+        result = prober.probe_once("m:1", "generate", None)
+        after = resource.getrusage(resource.RUSAGE_THREAD)
+        assert not result.ok and result.reason == reason, result
+        assert time.monotonic() - started < timeout + 0.5
+        assert after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime < cpu
+
+
 def test_an_unexpected_error_is_a_stream_error_and_releases_the_model(fake, monkeypatch):
     fake.add_model("m:1")
     fake.load("m:1", keep_alive=-1)

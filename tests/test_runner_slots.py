@@ -164,3 +164,28 @@ def test_a_reused_pid_is_read_again(tmp_path):
     stat(200)  # exited, and its PID went to a runner
     state = source.sample(*models(("qwen3:8b", A)))
     assert state.found and state.runners[0].error == "connection"
+
+
+@pytest.mark.parametrize("steps, reason", [
+    ("drip", "timeout"),  # one header byte every 0.2 s: each read's timeout restarted, the deadline did not
+    ("deep", None),
+    ("nan", None),
+])
+def test_a_hostile_runner_port_is_bounded_by_the_deadline_and_parsed_strictly(steps, reason):
+    """A runner is an upstream too: its answer must end at the deadline, and nesting that recurses out of
+    the parser or NaN is "not JSON" (a traceback in the log and an unexpected-error path before)."""
+    import time
+
+    from ollama_exporter.runner_slots import RunnerError, get_json
+    from tests.fakes.hostile import ScriptedServer, drip, head
+
+    with ScriptedServer() as runner:
+        bodies = {"deep": b"[" * 100_000 + b"1" + b"]" * 100_000, "nan": b"NaN"}
+        runner.script("GET", "/slots", drip(head(200, b"[]"), every=0.2) if steps == "drip" else [head(200, bodies[steps])])
+        started = time.monotonic()
+        if reason:
+            with pytest.raises(RunnerError) as err:
+                get_json(runner.port, "/slots", 1.0)
+            assert err.value.reason == reason and time.monotonic() - started < 1.5
+        else:
+            assert get_json(runner.port, "/slots", 1.0) == (200, None)

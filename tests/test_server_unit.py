@@ -27,6 +27,9 @@ class App:
         self.web = None
         self.release = threading.Event()
 
+    def healthy(self):
+        return True, "OK"
+
     def ready(self):
         return True, "OK"
 

@@ -26,6 +26,7 @@ import ctypes.util
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -265,6 +266,21 @@ def test_service_basics(unit):
     assert list_setting(unit["Install"], "WantedBy") == ["multi-user.target"]
 
 
+def test_the_open_files_limit_is_set_for_a_connection_flood(unit):
+    """Issue 9: with systemd's soft limit of 1 024 descriptors, 1 024 idle connections took /metrics
+    offline. The unit sets the limit itself; the server's connection cap is at most half of it."""
+    from ollama_exporter.config import KEYS_BY_NAME, Config
+
+    value = last(unit["Service"], "LimitNOFILE")
+    assert value, "LimitNOFILE= missing"
+    soft, _, hard = value.partition(":")
+    soft_n, hard_n = int(soft), int(hard or soft)
+    assert soft_n > 1024 and hard_n >= soft_n
+    assert soft_n // 2 >= Config().web_max_connections
+    assert soft_n // 2 >= 8 * Config().web_max_connections, "little room to raise web.max_connections"
+    assert KEYS_BY_NAME["web.max_connections"].parse("k", str(soft_n // 2)) == soft_n // 2
+
+
 def test_the_network_is_left_alone(unit):
     """The exporter reaches Ollama on 127.0.0.1:11434 (or OLLAMA_HOST) and is scraped on :9778."""
     service = unit["Service"]
@@ -440,6 +456,18 @@ print("ok")
 '''
     result = subprocess.run(sandbox(sys.executable, "-c", check), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_exporter_raises_its_soft_descriptor_limit_under_the_units_filters(sandbox):
+    """Outside LimitNOFILE= (a drop-in that removes it, another service manager), the exporter lifts its
+    soft limit to the hard one at start; the unit's system call filter must not refuse that."""
+    check = ("import resource; from ollama_exporter.daemon import raise_fd_limit; raise_fd_limit(); "
+             "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+    hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    result = subprocess.run(sandbox(sys.executable, "-c", check), capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.split() == [str(hard), str(hard)]
 
 
 def stop_cleanly(proc: subprocess.Popen) -> None:
