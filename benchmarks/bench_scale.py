@@ -368,8 +368,12 @@ def classify(frames: list[tuple[str, str]]) -> tuple[str, str]:
 
 def profile(pyspy: str, pid: int, seconds: float, tmp: Path) -> tuple[Counter, int]:
     out = tmp / f"profile-{pid}.txt"
-    subprocess.run([pyspy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
-                    "--nonblocking", "--format", "raw", "--output", str(out)], capture_output=True, timeout=seconds + 60)
+    try:  # py-spy falls behind on a process with hundreds of threads; its samples are still a fair mix
+        subprocess.run([pyspy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+                        "--nonblocking", "--format", "raw", "--output", str(out)], capture_output=True,
+                       timeout=10 * seconds + 60)
+    except subprocess.TimeoutExpired:
+        return Counter(), 0
     shares: Counter = Counter()
     total = 0
     for line in out.read_text().splitlines() if out.exists() else ():
@@ -578,6 +582,7 @@ def main() -> None:
             started = time.monotonic()
             results.append(run_scale(models, args, tools, tmp, nvml.env(), cert, key))
             print(f"bench_scale: {models} models done in {time.monotonic() - started:.0f}s", file=sys.stderr)
+            print(report(results[-1:], tools), file=sys.stderr)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     print(f"bench_scale at {commit.strip() or '?'}; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; {args.rounds} interleaved rounds; client: benchmarks/scrape_client.c; "
