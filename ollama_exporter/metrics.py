@@ -9,7 +9,7 @@ A family here is plain data (label values and numbers); exposition.py turns fami
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from ollama_exporter import __version__
 from ollama_exporter.snapshot import HistogramValue, Snapshot
@@ -277,20 +277,56 @@ def _opt(value: Optional[float]) -> bool:
     return value is not None
 
 
-def collect(snapshot: Snapshot) -> Iterator[Family]:
-    """All metric families for one snapshot, built fresh (safe to call concurrently)."""
-    yield from _server(snapshot)
-    yield from _installed(snapshot)
-    yield from _loaded(snapshot)
-    yield from _exporter(snapshot)
-    if snapshot.gpu is not None:
-        yield from _gpu(snapshot)
-    if snapshot.probes is not None:
-        yield from _probes(snapshot)
-    if snapshot.traffic is not None:
-        yield from _traffic(snapshot.traffic)
-    if snapshot.runners is not None:
-        yield from _runners(snapshot.runners)
+class Sections:
+    """The families built for the last snapshot, for collect() to reuse where the inputs did not change.
+
+    Between two polls almost nothing changes: the inventory (thousands of rows at 2 000 models), the
+    event counters, the results of models not probed since. The poller and the prober hand over the
+    very same objects for what did not change, so telling a section unchanged usually costs identity
+    checks (an equality test otherwise), and its families come back as the same objects, which the
+    writer recognises without comparing their rows. One per Exposition; not for concurrent use.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[tuple, list[Family]]] = {}
+        self._probes: dict[str, tuple[object, list[tuple[str, tuple]]]] = {}  # model -> (stats, its rows)
+
+    def get(self, name: str, inputs: tuple, build: Callable[[], Iterable[Family]]) -> list[Family]:
+        last = self._last.get(name)
+        if last is None or last[0] != inputs:
+            last = self._last[name] = (inputs, list(build()))
+        return last[1]
+
+    def probe_rows(self, model: str, stats, build: Callable[[], list]) -> list[tuple[str, tuple]]:
+        last = self._probes.get(model)
+        if last is None or last[0] != stats:
+            last = self._probes[model] = (stats, build())
+        return last[1]
+
+    def forget_probes(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        for model in [m for m in self._probes if m not in keep]:
+            del self._probes[model]
+
+
+def collect(snapshot: Snapshot, sections: Optional[Sections] = None) -> Iterator[Family]:
+    """All metric families for one snapshot; built fresh (safe to call concurrently) unless `sections`
+    remembers those of an earlier snapshot."""
+    s, memo = snapshot, sections or Sections()
+    yield from _server(s)
+    yield from memo.get("installed", (s.installed,), lambda: _installed(s))
+    yield from memo.get("loaded", (s.loaded,), lambda: _loaded(s))
+    yield from memo.get("events", (s.loads_total, s.unloads_total, s.keep_alive_downgrades_total),
+                        lambda: _events(s))
+    yield from _exporter(s)
+    if s.gpu is not None:
+        yield from memo.get("gpu", (s.gpu, s.model_gpu_memory, s.gpu_unattributed), lambda: _gpu(s))
+    if s.probes is not None:
+        yield from memo.get("probes", (s.probes,), lambda: _probes(s, memo))
+    if s.traffic is not None:
+        yield from _traffic(s.traffic)
+    if s.runners is not None:
+        yield from _runners(s.runners)
 
 
 def _server(s: Snapshot) -> Iterable[Family]:
@@ -332,13 +368,17 @@ def _loaded(s: Snapshot) -> Iterable[Family]:
             expiry.add((m.name,), m.expires_at)
         if _opt(m.context_length):
             ctx.add((m.name,), m.context_length)
+    return size, vram, expiry, ctx
+
+
+def _events(s: Snapshot) -> Iterable[Family]:
     loads, unloads, downgrades = _families("ollama_model_loads_total", "ollama_model_unloads_total",
                                            "ollama_model_keep_alive_downgrades_total")
     for family, values in ((loads, s.loads_total), (unloads, s.unloads_total),
                            (downgrades, s.keep_alive_downgrades_total)):
         for name, value in sorted(values.items()):
             family.add((name,), value)
-    return size, vram, expiry, ctx, loads, unloads, downgrades
+    return loads, unloads, downgrades
 
 
 def _exporter(s: Snapshot) -> Iterable[Family]:
@@ -419,39 +459,46 @@ def _gpu(s: Snapshot) -> Iterable[Family]:
     return [nvml_up, info, up, *values.values(), clock, throttle, ecc, *mig, procs, model_mem, unattributed]
 
 
-def _probes(s: Snapshot) -> Iterable[Family]:
-    names = ("ollama_probe_ttft_seconds", "ollama_probe_tpot_seconds", "ollama_probe_duration_seconds",
-             "ollama_probe_queue_wait_seconds", "ollama_probe_prompt_eval_tokens_total",
-             "ollama_probe_prompt_eval_duration_seconds_total", "ollama_probe_eval_tokens_total",
-             "ollama_probe_eval_duration_seconds_total",
-             "ollama_probe_load_duration_seconds_total", "ollama_probes_total", "ollama_probe_failures_total",
-             "ollama_probe_skipped_total", "ollama_probe_caused_loads_total",
-             "ollama_probe_keep_alive_restores_total", "ollama_probe_success", "ollama_probe_last_timestamp_seconds")
-    f = dict(zip(names, _families(*names)))
+_PROBE_FAMILIES = (
+    "ollama_probe_ttft_seconds", "ollama_probe_tpot_seconds", "ollama_probe_duration_seconds",
+    "ollama_probe_queue_wait_seconds", "ollama_probe_prompt_eval_tokens_total",
+    "ollama_probe_prompt_eval_duration_seconds_total", "ollama_probe_eval_tokens_total",
+    "ollama_probe_eval_duration_seconds_total", "ollama_probe_load_duration_seconds_total", "ollama_probes_total",
+    "ollama_probe_failures_total", "ollama_probe_skipped_total", "ollama_probe_caused_loads_total",
+    "ollama_probe_keep_alive_restores_total", "ollama_probe_success", "ollama_probe_last_timestamp_seconds")
+
+
+def _probes(s: Snapshot, memo: Sections) -> Iterable[Family]:
+    """The probe families, model by model; a model whose results did not change reuses its rows."""
+    f = dict(zip(_PROBE_FAMILIES, _families(*_PROBE_FAMILIES)))
     for model, p in sorted(s.probes.items()):
-        m = (model,)
-        if p.probes:
-            f["ollama_probe_duration_seconds"].add(m, p.duration)
-            if p.kind == "generate":
-                f["ollama_probe_ttft_seconds"].add(m, p.ttft)
-                f["ollama_probe_tpot_seconds"].add(m, p.tpot)
-                f["ollama_probe_queue_wait_seconds"].add(m, p.queue_wait)
-                for name, value in (("prompt_eval_tokens", p.prompt_eval_tokens),
-                                    ("prompt_eval_duration_seconds", p.prompt_eval_seconds),
-                                    ("eval_tokens", p.eval_tokens), ("eval_duration_seconds", p.eval_seconds),
-                                    ("load_duration_seconds", p.load_seconds)):
-                    f[f"ollama_probe_{name}_total"].add(m, value)
-            f["ollama_probes_total"].add(m, p.probes)
-            f["ollama_probe_caused_loads_total"].add(m, p.caused_loads)
-            f["ollama_probe_keep_alive_restores_total"].add(m, p.keep_alive_restores)
-            for reason, count in p.failures.items():
-                f["ollama_probe_failures_total"].add(m + (reason,), count)
-        for reason, count in p.skipped.items():
-            f["ollama_probe_skipped_total"].add(m + (reason,), count)
-        if p.last_success is not None:
-            f["ollama_probe_success"].add(m, 1.0 if p.last_success else 0.0)
-            f["ollama_probe_last_timestamp_seconds"].add(m, p.last_timestamp)
+        for name, row in memo.probe_rows(model, p, lambda: _probe_rows(model, p)):
+            f[name].rows.append(row)
+    memo.forget_probes(s.probes)
     return list(f.values())
+
+
+def _probe_rows(model: str, p) -> list[tuple[str, tuple]]:
+    """(family name, row) for one model's probe results (a prober.ModelProbeStats)."""
+    m, rows = (model,), []
+    if p.probes:
+        rows.append(("ollama_probe_duration_seconds", (m, p.duration)))
+        if p.kind == "generate":
+            rows += [("ollama_probe_ttft_seconds", (m, p.ttft)), ("ollama_probe_tpot_seconds", (m, p.tpot)),
+                     ("ollama_probe_queue_wait_seconds", (m, p.queue_wait))]
+            for name, value in (("prompt_eval_tokens", p.prompt_eval_tokens),
+                                ("prompt_eval_duration_seconds", p.prompt_eval_seconds),
+                                ("eval_tokens", p.eval_tokens), ("eval_duration_seconds", p.eval_seconds),
+                                ("load_duration_seconds", p.load_seconds)):
+                rows.append((f"ollama_probe_{name}_total", (m, value)))
+        rows += [("ollama_probes_total", (m, p.probes)), ("ollama_probe_caused_loads_total", (m, p.caused_loads)),
+                 ("ollama_probe_keep_alive_restores_total", (m, p.keep_alive_restores))]
+        rows += [("ollama_probe_failures_total", (m + (reason,), count)) for reason, count in p.failures.items()]
+    rows += [("ollama_probe_skipped_total", (m + (reason,), count)) for reason, count in p.skipped.items()]
+    if p.last_success is not None:
+        rows += [("ollama_probe_success", (m, 1.0 if p.last_success else 0.0)),
+                 ("ollama_probe_last_timestamp_seconds", (m, p.last_timestamp))]
+    return rows
 
 
 # (metric, TrafficValue attribute) of the log's counters and histograms, each keyed by its label tuple

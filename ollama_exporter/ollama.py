@@ -18,6 +18,7 @@ import calendar
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
 
 from ollama_exporter import __version__
@@ -68,6 +69,7 @@ class OllamaClient:
         self.timeout = timeout
         self.max_models = max_models
         self.http = HttpClient(self.base_url, USER_AGENT)
+        self._last: dict[str, _LastAnswer] = {}  # path -> its last answer, for _rows (replaced whole)
 
     # --- endpoints ---
 
@@ -130,6 +132,11 @@ class OllamaClient:
     def _object(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None,
                 headers: Optional[Mapping[str, str]] = None) -> dict:
         """One request, answered (body read and parsed) within `timeout` (default: the client's) in total."""
+        return _json_object(path, self._body(method, path, payload, timeout, headers), self._max_values(path))
+
+    def _body(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None,
+              headers: Optional[Mapping[str, str]] = None) -> bytes:
+        """The body of a successful answer, read whole within `timeout` (default: the client's) in total."""
         with self._errors(path):
             answer = self.http.request(method, path, _json_body(payload) if payload is not None else None,
                                        timeout=self.timeout if timeout is None else timeout,
@@ -138,10 +145,7 @@ class OllamaClient:
             raise _status_error(path, answer.status, answer.body)
         if not 200 <= answer.status < 300:
             raise OllamaError("invalid_response", f"{path}: unexpected HTTP status {answer.status}")
-        body = _json(path, answer.body, self._max_values(path))
-        if not isinstance(body, dict):
-            raise OllamaError("invalid_response", f"{path}: answer is not a JSON object")
-        return body
+        return answer.body
 
     def _max_bytes(self, path: str) -> int:
         if path in ("/api/ps", "/api/tags"):
@@ -157,28 +161,72 @@ class OllamaClient:
         return _translate(path, self.shown_url)
 
     def _rows(self, path: str, parse) -> Rows:
-        body = self._object("GET", path)
+        """The model rows of /api/tags or /api/ps, reusing what did not change since the last answer.
+
+        Polls mostly read the same answers again: the same bytes give back the same rows (a steady
+        /api/tags costs one bytes comparison, not a parse), and a row equal to the row of the same name
+        in the last answer reuses its parsed value (after a probe, only the probed model's row of
+        /api/ps differs). Reused values are the very objects of the last answer, so the snapshot's
+        sections stay identical and the metrics of what did not change are not rendered again.
+        """
+        raw = self._body("GET", path)
+        last = self._last.get(path)
+        if last is not None and last.raw == raw:
+            return Rows(last.rows, last.rows.dropped)
+        body = _json_object(path, raw, self._max_values(path))
         models = body.get("models")
         if models is None and "models" in body:
             return Rows()  # tolerate null: it means "none"
         if not isinstance(models, list):
             raise OllamaError("invalid_response", f"{path}: `models` is not a list")
-        rows, seen, dropped = [], set(), Counter()
+        before = last.parsed if last is not None else {}
+        rows, seen, dropped, parsed = [], set(), Counter(), {}
         for row in models:
             if len(rows) >= self.max_models:
                 dropped["limit"] += 1
                 continue
-            try:
-                model = parse(row)
-            except _BadRow:
-                dropped["invalid"] += 1
-                continue
+            key = row.get("name") if isinstance(row, dict) else None
+            previous = before.get(key) if isinstance(key, str) else None
+            if previous is not None and _same_row(previous[0], row):
+                model = previous[1]
+            else:
+                try:
+                    model = parse(row)
+                except _BadRow:
+                    dropped["invalid"] += 1
+                    continue
             if model.name in seen:
                 dropped["duplicate"] += 1
                 continue
             seen.add(model.name)
             rows.append(model)
-        return Rows(rows, dropped)
+            if isinstance(key, str):
+                parsed[key] = (row, model)
+        result = Rows(rows, dropped)
+        self._last[path] = _LastAnswer(raw, Rows(rows, dropped), parsed)
+        return result
+
+
+@dataclass(frozen=True)
+class _LastAnswer:
+    raw: bytes
+    rows: Rows
+    parsed: dict  # row name -> (the row as decoded, what it was parsed into)
+
+
+def _same_row(before: dict, row: Any) -> bool:
+    """`row` parses exactly as `before` did: equal, with every value of the same type (Python has
+    1 == 1.0 == True, which the parsers tell apart)."""
+    return isinstance(row, dict) and before == row and _same_types(before, row)
+
+
+def _same_types(a: Any, b: Any) -> bool:
+    """Given a == b (dicts or lists), whether every value in them has the same type in both."""
+    for x, y in zip(a.values(), (b[key] for key in a)) if type(a) is dict else zip(a, b):
+        kind = type(x)
+        if kind is not type(y) or ((kind is dict or kind is list) and not _same_types(x, y)):
+            return False
+    return True
 
 
 class _translate:
@@ -223,6 +271,13 @@ def _json(path: str, data: bytes, max_values: int = 200_000) -> Any:
     except (ValueError, RecursionError) as exc:
         reason = str(exc)[:60] if isinstance(exc, ValueError) else "nested too deeply"
         raise OllamaError("invalid_response", f"{path}: answer is not valid JSON ({reason}): {data[:60]!r}") from None
+
+
+def _json_object(path: str, data: bytes, max_values: int) -> dict:
+    body = _json(path, data, max_values)
+    if not isinstance(body, dict):
+        raise OllamaError("invalid_response", f"{path}: answer is not a JSON object")
+    return body
 
 
 def _error_text(body: bytes) -> str:

@@ -147,6 +147,9 @@ class Poller:
         self._previous_loaded: Optional[dict[str, LoadedModel]] = None
         self._version: Optional[str] = None
         self._installed: tuple[InstalledModel, ...] = ()
+        self._joined: tuple[InstalledModel, ...] = ()  # _installed with show info, as last published
+        self._joined_memo: dict[int, tuple] = {}  # id(tags row) -> (row, its ShowInfo, the two joined)
+        self._frozen_last: dict[str, Mapping] = {}
         self.reload_status: Optional[ReloadStatus] = None  # set by the daemon, copied into each snapshot
         self._wake = threading.Event()
         self._heartbeat: Optional[float] = None  # monotonic time the last poll finished (the loop is alive)
@@ -210,7 +213,7 @@ class Poller:
                 if self.settle_shows:
                     self.settle(max(0.0, min(self.client.timeout + 0.5, deadline - time.monotonic())))
         self._record_shows(now)
-        installed = tuple(self._with_show(m) for m in self._installed)
+        installed = self._join_shows()
 
         loaded: tuple[LoadedModel, ...] = ()
         if "ps" in answered:
@@ -231,6 +234,7 @@ class Poller:
             processes = [p for d in gpu.devices for p in d.processes]
             model_gpu, unattributed = runners.attribute(processes, loaded, installed)
 
+        log_errors = {("logs", r): n for r, n in self.logs.errors().items()} if self.logs is not None else {}
         snapshot = Snapshot(
             timestamp=now,
             ready=True,
@@ -240,12 +244,11 @@ class Poller:
             loaded=loaded,
             sources=tuple(self._status[s] for s in SOURCES if s in self._status)
             + ((self.logs.status(),) if self.logs is not None else ()),
-            loads_total=frozen_map(self._loads),
-            unloads_total=frozen_map(self._unloads),
-            keep_alive_downgrades_total=frozen_map(self._downgrades),
-            errors_total=frozen_map({**self._errors, **({("logs", r): n for r, n in self.logs.errors().items()}
-                                                        if self.logs is not None else {})}),
-            dropped_total=frozen_map(self._dropped),
+            loads_total=self._frozen("loads", self._loads),
+            unloads_total=self._frozen("unloads", self._unloads),
+            keep_alive_downgrades_total=self._frozen("downgrades", self._downgrades),
+            errors_total=self._frozen("errors", {**self._errors, **log_errors}),
+            dropped_total=self._frozen("dropped", self._dropped),
             gpu=gpu,
             model_gpu_memory=model_gpu,
             gpu_unattributed=frozen_map(unattributed),
@@ -349,9 +352,33 @@ class Poller:
             if not outcome.ok and outcome is not failed:
                 self._errors[("show", outcome.error.reason)] += 1
 
-    def _with_show(self, model: InstalledModel) -> InstalledModel:
-        info = self.shows.get(model.digest)
-        return replace(model, show=info) if info is not None else model
+    def _join_shows(self) -> tuple[InstalledModel, ...]:
+        """The installed models with their /api/show info: the same objects (and the same tuple) as in
+        the last snapshot for what did not change, so the metrics of an unchanged inventory are reused
+        rather than rendered again."""
+        joined, memo = [], {}
+        for model in self._installed:
+            info = self.shows.get(model.digest)
+            if info is None:
+                joined.append(model)
+                continue
+            last = self._joined_memo.get(id(model))
+            if last is None or last[0] is not model or last[1] is not info:
+                last = (model, info, replace(model, show=info))
+            memo[id(model)] = last
+            joined.append(last[2])
+        self._joined_memo = memo
+        previous = self._joined
+        if len(previous) != len(joined) or any(a is not b for a, b in zip(previous, joined)):
+            self._joined = tuple(joined)
+        return self._joined
+
+    def _frozen(self, name: str, counts: Mapping) -> Mapping:
+        """A read-only copy of `counts` for the snapshot: the same one as last poll while nothing changed."""
+        last = self._frozen_last.get(name)
+        if last is None or last != counts:
+            last = self._frozen_last[name] = frozen_map(counts)
+        return last
 
     def _count_dropped(self, source: str, rows: Rows) -> None:
         for reason, count in getattr(rows, "dropped", {}).items():

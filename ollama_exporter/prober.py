@@ -161,8 +161,14 @@ class _ModelStats:
         self.skipped = {r: 0 for r in SKIP_REASONS}
         self.last_success: Optional[bool] = None
         self.last_timestamp: Optional[float] = None
+        self._value: Optional[ModelProbeStats] = None  # value() until the next change
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+        self._value = None
 
     def record(self, r: ProbeResult, now: float) -> None:
+        self._value = None
         self.kind = r.kind
         self.probes += 1
         self.caused_loads += r.caused_load
@@ -187,6 +193,13 @@ class _ModelStats:
         self.load_seconds += r.load_duration
 
     def value(self) -> ModelProbeStats:
+        """The stats as an immutable value: the same object until they change, so the metrics of a
+        model that was not probed since the last snapshot are not rendered again."""
+        if self._value is None:
+            self._value = self._build()
+        return self._value
+
+    def _build(self) -> ModelProbeStats:
         return ModelProbeStats(
             self.kind, self.ttft.value(), self.tpot.value(), self.duration.value(), self.queue_wait.value(),
             self.prompt_eval_tokens, self.prompt_eval_seconds, self.eval_tokens, self.eval_seconds,
@@ -524,7 +537,7 @@ class Prober:
         state = self._state_of(name)
         if reason != state.last_skip or now - state.last_skip_at >= self.interval:
             state.last_skip, state.last_skip_at = reason, now
-            self._stats.setdefault(name, _ModelStats()).skipped[reason] += 1
+            self._stats.setdefault(name, _ModelStats()).skip(reason)
 
     def _state_of(self, name: str) -> _ModelState:
         state = self._state.get(name)

@@ -7,7 +7,7 @@ sees half of one. Nothing here knows about HTTP or Prometheus.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping, Optional
 
@@ -42,7 +42,14 @@ class ModelDetails:
 
     def or_(self, other: "ModelDetails") -> "ModelDetails":
         """These details with any empty field filled from `other` (old /api/tags rows lack some)."""
-        return ModelDetails(*(mine or theirs for mine, theirs in zip(astuple(self), astuple(other))))
+        if other == self or other == _NO_DETAILS:
+            return self
+        return ModelDetails(self.format or other.format, self.family or other.family,
+                            self.families or other.families, self.parameter_size or other.parameter_size,
+                            self.quantization_level or other.quantization_level)
+
+
+_NO_DETAILS = ModelDetails()
 
 
 @dataclass(frozen=True)

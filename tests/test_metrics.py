@@ -118,9 +118,9 @@ def test_a_scrape_never_renders_and_a_new_variant_is_rendered_in_the_background(
     calls = []
     original = metrics.collect
 
-    def counting(snapshot):
+    def counting(snapshot, *sections):
         calls.append(snapshot)
-        return original(snapshot)
+        return original(snapshot, *sections)
 
     exposition.collect = counting
     try:
