@@ -26,8 +26,10 @@ succeeds again.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -37,7 +39,7 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.utils import floatToGoString
 
-from ollama_exporter.metrics import DEFS, Def, Family, collect
+from ollama_exporter.metrics import DEFS, Def, Family, Sections, collect
 from ollama_exporter.snapshot import HistogramValue, Snapshot
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ CONTENT_TYPES = {TEXT: "text/plain; version=0.0.4; charset=utf-8",
 WANTED_FOR = 900.0  # seconds a format stays rendered after the last scrape that asked for it
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, no mtime, unknown OS (RFC 1952)
 _FINAL_BLOCK = b"\x03\x00"  # an empty final fixed-Huffman deflate block
+SENDFILE_MIN = 32 * 1024  # smaller bodies are sent from our memory: one write beats two calls
 
 
 # --- content negotiation: a client's headers map onto a fixed set of variants ---
@@ -112,9 +115,10 @@ class _Shape:
 class _FamilyText:
     """The last rendition of one family: its rows, their lines, and its body in each format."""
 
-    __slots__ = ("rows", "lines", "body", "left_out", "deflated")
+    __slots__ = ("source", "rows", "lines", "body", "left_out", "deflated")
 
-    def __init__(self, rows: list, lines: dict, body: str, left_out: int = 0):
+    def __init__(self, source: list, rows: list, lines: dict, body: str, left_out: int = 0):
+        self.source = source  # the rows list it was rendered from: the same list again means no change
         self.rows, self.lines, self.body = rows, lines, body
         self.left_out = left_out  # rows that could not be rendered
         self.deflated: dict[str, tuple[bytes, bytes]] = {}  # format -> (encoded body, its deflate block)
@@ -156,7 +160,8 @@ class Writer:
         as a whole fails, its last good rendition is served."""
         name = family.d.name
         last = self._last.get(name)
-        if last is not None and last.rows == family.rows:
+        if last is not None and (last.source is family.rows or last.rows == family.rows):
+            last.source = family.rows
             return last, not last.left_out
         try:
             old = last.lines if last is not None else {}
@@ -172,8 +177,8 @@ class Writer:
                         left_out += 1
                         continue
                 lines[row] = line
-            text = _FamilyText(list(family.rows), lines, "".join(lines[r] for r in family.rows if r in lines),
-                               left_out)
+            text = _FamilyText(family.rows, list(family.rows), lines,
+                               "".join(lines[r] for r in family.rows if r in lines), left_out)
         except Exception:  # noqa: BLE001 - one bad family must not take the exposition down
             self.failures += 1
             log.error("cannot render a metric family, serving its last good rendition", exc_info=True,
@@ -230,8 +235,11 @@ def _deflate_block(data: bytes) -> bytes:
 
 def gzip_member(blocks: bytes, plain: bytes) -> bytes:
     """A complete gzip member from concatenated full-flushed deflate blocks and the plain text they hold."""
-    return (_GZIP_HEADER + blocks + _FINAL_BLOCK
-            + zlib.crc32(plain).to_bytes(4, "little") + (len(plain) & 0xFFFFFFFF).to_bytes(4, "little"))
+    return _gzip_member(blocks, zlib.crc32(plain), len(plain))
+
+
+def _gzip_member(blocks: bytes, crc: int, size: int) -> bytes:
+    return _GZIP_HEADER + blocks + _FINAL_BLOCK + crc.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")
 
 
 # --- the runtime metrics (process_*, python_*), from prometheus_client's own collectors ---
@@ -245,7 +253,17 @@ def _runtime_registry() -> CollectorRegistry:
     return registry
 
 
-def _runtime(registry: Optional[CollectorRegistry], fmt: str) -> bytes:
+class _Collected:
+    """A registry's metrics collected once, so every format of one render shows the same values."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.metrics = list(registry.collect())
+
+    def collect(self) -> list:
+        return self.metrics
+
+
+def _runtime(registry, fmt: str) -> bytes:
     if registry is None:
         return b""
     if fmt == OPENMETRICS:
@@ -268,6 +286,41 @@ class Body:
     data: bytes
     content_type: str
     gzipped: bool
+    file: Optional["BodyFile"] = None  # the same bytes in a memory file, for the server's sendfile
+
+
+class BodyFile:
+    """A body's bytes in an anonymous in-memory file (Linux memfd), written once per render.
+
+    The server hands it to the kernel with sendfile(), which sends from the file's own pages: a scrape of
+    a large body then costs no copy out of our memory, as with a static file server. Closed once the Body
+    is gone and no connection is still sending it.
+    """
+
+    __slots__ = ("fd", "size", "__weakref__")
+
+    def __init__(self, data: bytes):
+        self.fd = os.memfd_create("ollama-exporter-body", os.MFD_CLOEXEC)
+        self.size = len(data)
+        try:
+            view, done = memoryview(data), 0
+            while done < self.size:
+                done += os.write(self.fd, view[done:])
+        except BaseException:
+            os.close(self.fd)
+            raise
+        weakref.finalize(self, os.close, self.fd)
+
+    @classmethod
+    def of(cls, data: bytes) -> Optional["BodyFile"]:
+        """A file for bodies big enough for sendfile to beat a copy; None where memfd is not available."""
+        if len(data) < SENDFILE_MIN or not hasattr(os, "memfd_create"):
+            return None
+        try:
+            return cls(data)
+        except OSError as exc:  # out of descriptors or memory: the server sends from our bytes instead
+            log.warning("cannot keep a body in a memory file", extra={"error": str(exc)})
+            return None
 
 
 class Exposition:
@@ -278,9 +331,11 @@ class Exposition:
         self.clock = clock
         self._registry = _runtime_registry()
         self._writer = Writer()
+        self._sections = Sections()  # collect()'s families of the last snapshot, reused where unchanged
         self._lock = threading.Lock()  # update() against update(): only the poll thread, plus tests
         self._wanted: dict[tuple[str, bool], float] = {}  # variant -> when a scrape last asked for it
         self._bodies: dict[tuple[str, bool], Body] = {}
+        self._negotiated: dict[tuple[str, str], tuple[str, bool]] = {}  # (Accept, Accept-Encoding) -> variant
         self._current = Snapshot.empty()
         self._families: list[Family] = []  # of the last snapshot that could be collected
         self.healthy = True
@@ -303,7 +358,7 @@ class Exposition:
         now = self.clock()
         self._current = snapshot
         try:
-            self._families, collected = list(collect(snapshot)), True
+            self._families, collected = list(collect(snapshot, self._sections)), True
         except Exception:  # noqa: BLE001 - a bug in one snapshot must not freeze the exposition
             self._writer.failures += 1
             log.error("cannot collect the metrics of a snapshot, serving the last good ones", exc_info=True)
@@ -316,7 +371,11 @@ class Exposition:
             failures.add((), float(self._writer.failures))  # after prepare(): this render's failures count
             prepared += self._writer.prepare([failures])[0]
             families = [*self._families, failures]
-            bodies = {(fmt, gzipped): self._variant(prepared, fmt, gzipped) for fmt, gzipped in variants}
+            runtime = _Collected(self._registry) if self.runtime_metrics else None
+            tails = {fmt: _runtime(runtime, fmt) + (b"# EOF\n" if fmt == OPENMETRICS else b"")
+                     for fmt in {fmt for fmt, _ in variants}}
+            bodies = {(fmt, gzipped): self._variant(prepared, fmt, gzipped, tails[fmt], (fmt, gzipped) in wanted)
+                      for fmt, gzipped in variants}
         except Exception:  # noqa: BLE001 - keep serving the bodies of the last render
             self._writer.failures += 1
             log.error("cannot render the exposition, serving the last good one", exc_info=True)
@@ -325,21 +384,25 @@ class Exposition:
         self._writer.forget({f.d.name for f in families})
         self._bodies, self.healthy = bodies, ok and collected
 
-    def _variant(self, prepared: list, fmt: str, gzipped: bool) -> Body:
-        registry = self._registry if self.runtime_metrics else None
-        tail = _runtime(registry, fmt) + (b"# EOF\n" if fmt == OPENMETRICS else b"")
+    def _variant(self, prepared: list, fmt: str, gzipped: bool, tail: bytes, wanted: bool) -> Body:
         body = self._writer.encode(prepared, fmt, gzipped)
         if gzipped:
             plain = self._writer.encode(prepared, fmt, False)  # cached per family: costs a join
-            body = gzip_member(body + _deflate_block(tail), plain + tail)
+            crc = zlib.crc32(tail, zlib.crc32(plain))
+            body = _gzip_member(body + _deflate_block(tail), crc, len(plain) + len(tail))
         else:
             body += tail
-        return Body(body, CONTENT_TYPES[fmt], gzipped)
+        return Body(body, CONTENT_TYPES[fmt], gzipped, BodyFile.of(body) if wanted else None)
 
     def get(self, accept: str = "", accept_encoding: str = "") -> Body:
         """The body for a scrape. A variant asked for the first time is rendered in the background and
         served from then on; meanwhile this scrape gets the closest one already rendered."""
-        variant = (negotiate(accept), gzip_accepted(accept_encoding))
+        variant = self._negotiated.get((accept, accept_encoding))
+        if variant is None:
+            variant = (negotiate(accept), gzip_accepted(accept_encoding))
+            if len(self._negotiated) >= 256:
+                self._negotiated.clear()  # a client inventing headers cannot grow this
+            self._negotiated[(accept, accept_encoding)] = variant
         now = self.clock()
         if now - self._wanted.get(variant, -WANTED_FOR) > 1.0:
             self._wanted[variant] = now  # only a handful of keys: the variants are a fixed set
