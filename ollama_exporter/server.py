@@ -11,9 +11,15 @@ The loop must not be blinded by its clients either. A request's head must arrive
 HEAD_TIMEOUT (a client dribbling a byte every few seconds is cut off), an idle keep-alive connection
 is closed after IDLE_TIMEOUT, a response that the client does not read within WRITE_TIMEOUT is dropped,
 at most `web.max_connections` connections are held (past it the oldest idle one, else the oldest, is
-closed to make room, so a flood of idle connections cannot lock scrapers out), responses are written in
-flow-controlled slices of a shared buffer (a slow reader costs no copy of the body), the listen
-backlog is real, and a failing accept (out of file descriptors) backs off instead of spinning.
+closed to make room, so a flood of idle connections cannot lock scrapers out), a response is handed to
+the kernel as fast as the client reads it, from the shared rendered bytes (a slow reader costs no copy of
+the body; large bodies go out with sendfile from a memory file), the kernel's send buffer per connection
+is bounded, the listen backlog is real, and a failing accept (out of file descriptors) backs off
+instead of spinning.
+
+Connections are not asyncio transports: each socket is driven straight from readiness events (an epoll
+of the server's own, which the asyncio loop watches), so a scrape on a new connection costs about what
+a static file server spends on it (see benchmarks/bench_scale.py).
 
 TLS is negotiated per connection with the web config current at accept time (so a reload can turn
 TLS on or off; certificates rotate by themselves), a client certificate failing client_allowed_sans is
@@ -27,12 +33,14 @@ import asyncio
 import errno
 import html
 import logging
+import math
+import os
 import resource
+import select
 import socket
 import ssl
 import struct
 import threading
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +54,9 @@ from ollama_exporter.exposition import Exposition
 log = logging.getLogger(__name__)
 
 BACKLOG = 1024
+ACCEPT_BATCH = 16  # connections taken per wake-up of the loop
+EVENT_ROUNDS = 4  # rounds of ready sockets handled per wake-up of the loop
+SWEEP_INTERVAL = 0.2  # how often deadlines are checked: each is kept to within this
 HEAD_TIMEOUT = 10.0  # the whole request head, from its first byte (or the connection's start)
 IDLE_TIMEOUT = 300.0  # between requests on a keep-alive connection (longer than any scrape interval)
 WRITE_TIMEOUT = 60.0  # for the client to read a whole response
@@ -53,8 +64,8 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 MAX_BODY = 4096  # /-/reload takes no body; anything bigger is refused
-SLICE = 64 * 1024
-SEND_BUFFER = 128 * 1024
+SEND_BUFFER = 128 * 1024  # the kernel's send buffer per connection (it doubles it for its own accounting)
+SEND_BUFFER_MAX = 512 * 1024  # ... raised, for a response that big, to take the whole of it in one write
 TEXT = "text/plain; charset=utf-8"
 
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -131,7 +142,13 @@ class Server:
         self.auth_pool = ThreadPoolExecutor(1, thread_name_prefix="http-auth")
         self.work_pool = ThreadPoolExecutor(64, thread_name_prefix="http-work")
         self._thread: Optional[threading.Thread] = None
-        self._servers: list[asyncio.base_events.Server] = []
+        self._accepting = False
+        # Sockets are watched by an epoll of our own, itself one reader of the asyncio loop: registering,
+        # forgetting and dispatching a connection then costs a system call and a dict entry, not asyncio's
+        # handles and selector keys (which were a fifth of a scrape on a new connection).
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> its callback, given the epoll events
+        self._heads: dict[tuple, tuple] = {}  # (variant, close, web config) -> (its Body, response head)
         # Connections may use at most half the descriptors the process may open, so a flood meets our cap
         # (which closes idle connections to make room) long before accept() fails for lack of descriptors.
         self.fd_budget = max(8, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
@@ -145,9 +162,12 @@ class Server:
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
+            self.loop.add_reader(self.epoll.fileno(), self._events)
+            self._accepting = True
             for sock in self.sockets:
-                self._servers.append(self.loop.run_until_complete(
-                    self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=BACKLOG)))
+                sock.setblocking(False)
+                self._listen(sock)
+            self.loop.call_later(SWEEP_INTERVAL, self._sweep)
             ready.set()
             self.loop.run_forever()
 
@@ -160,10 +180,14 @@ class Server:
             return
 
         def close() -> None:
-            for server in self._servers:
-                server.close()
+            self._accepting = False
+            for sock in self.sockets:
+                self.handlers.pop(sock.fileno(), None)
+                sock.close()
             for conn in list(self.connections):
                 conn.close()
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
             self.loop.stop()
 
         self.loop.call_soon_threadsafe(close)
@@ -173,7 +197,62 @@ class Server:
         self.auth_pool.shutdown(wait=False, cancel_futures=True)
         self.work_pool.shutdown(wait=False, cancel_futures=True)
 
-    # --- connection accounting ---
+    # --- sockets ---
+
+    def watch(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
+        self.handlers[fd] = handler
+        self.epoll.register(fd, events)
+
+    def _events(self) -> None:
+        """Call the handler of every socket that is ready (a closed socket leaves the epoll by itself); a
+        few rounds while there are more, before timers and other callbacks get their turn."""
+        handlers = self.handlers
+        for _ in range(EVENT_ROUNDS):
+            ready = self.epoll.poll(0, 256)
+            for fd, events in ready:
+                handler = handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler(events)
+                    except Exception:  # noqa: BLE001 - one connection's bug must not stop the others
+                        log.exception("connection handler failed")
+            if not ready:
+                return
+
+    def _sweep(self) -> None:
+        """Close the connections past their deadline: one timer for all of them, not one per connection."""
+        now = self.loop.time()
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            conn.close()
+        if self._accepting:
+            self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _listen(self, listener: socket.socket) -> None:
+        family = int(listener.family)
+        self.watch(listener.fileno(), select.EPOLLIN, lambda events: self._accept(listener, family))
+
+    def _accept(self, listener: socket.socket, family: int) -> None:
+        """Take the connections waiting, a few at a time (so the closes of those answered are seen before
+        the cap counts them); out of descriptors, pause for a second."""
+        inet = family in (socket.AF_INET, socket.AF_INET6)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, peer = listener._accept()  # noqa: SLF001 - socket.accept() without its enum conversions
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept connections", extra={"error": str(exc)})
+                    self.handlers.pop(listener.fileno(), None)
+                    self.epoll.unregister(listener.fileno())
+                    self.loop.call_later(1.0, self._resume_accepting, listener, family)
+                    return
+                continue  # ECONNABORTED and the like: that client is already gone
+            _Connection(self, socket.socket(family, socket.SOCK_STREAM, 0, fd), peer, inet)
+
+    def _resume_accepting(self, listener: socket.socket, family: int) -> None:
+        if self._accepting:
+            self._listen(listener)
 
     def admit(self, conn: "_Connection") -> None:
         """Track a new connection; past the cap, close the oldest idle one (else the oldest)."""
@@ -184,13 +263,22 @@ class Server:
             self.connections.pop(victim, None)
         self.connections[conn] = None
 
+    def metrics_head(self, body: Any, close: bool) -> bytes:
+        """The response head for an exposition Body, made once per rendered body (scrapes only copy it)."""
+        web = self.app.web
+        key = (body.content_type, body.gzipped, close, id(web))
+        cached = self._heads.get(key)
+        if cached is None or cached[0] is not body or cached[1] is not web:
+            if len(self._heads) >= 16:
+                self._heads.clear()  # web configs come and go with reloads; the variants are few
+            headers = {"Content-Encoding": "gzip"} if body.gzipped else {}
+            cached = self._heads[key] = (body, web, _head(Response(200, body.data, body.content_type, headers),
+                                                          close, web))
+        return cached[2]
+
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            # asyncio's accept loop already backs off for a second on these; say so, at most once a minute
-            log.error("cannot accept connections", extra={"error": str(exc)})
-            return
-        log.debug("connection error", extra={"error": str(context.get("message")), "exc": repr(exc)})
+        log.debug("connection error", extra={"error": str(context.get("message")),
+                                             "exc": repr(context.get("exception"))})
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -217,103 +305,142 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: read a request head, answer it, repeat; every wait has a deadline."""
+class _Connection:
+    """One client connection: read a request head, answer it, repeat; every wait has a deadline.
 
-    def __init__(self, server: Server):
-        self.server = server
-        self.transport: Optional[asyncio.Transport] = None
+    The non-blocking socket (plain, or TLS through ssl.SSLSocket) is driven straight from the loop's
+    readiness callbacks: no asyncio transport, protocol and task per connection, which cost more than the
+    rest of a scrape on a new connection. A request that arrived with the connection is answered in the
+    callback that accepted it. Responses are queued as views of the shared rendered bytes and handed to
+    the kernel as fast as the client reads them (its send buffer is bounded), never copied.
+    """
+
+    __slots__ = ("server", "loop", "sock", "fd", "peer", "web", "buffer", "idle", "busy", "close_after", "_out",
+                 "_writing", "deadline", "_peer_cert", "_closed", "_between", "_tls",
+                 "_handshaking", "_sndbuf", "_reading")
+
+    def __init__(self, server: Server, sock: socket.socket, peer: Any, inet: bool = True):
+        self.server, self.loop, self.sock, self.peer = server, server.loop, sock, peer
+        self.fd = sock.fileno()
+        self.web = server.app.web  # as at accept time: TLS or not, for the whole connection
         self.buffer = bytearray()
         self.idle = True  # no request in progress (for the eviction policy)
         self.busy = False  # a request is being answered; later bytes wait in the buffer
         self.close_after = False
-        self._out: deque[memoryview] = deque()
-        self._paused = False
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self._out: deque = deque()  # what is still to be sent: views of the head and the shared body
+        self._writing = False  # waiting for the socket to become writable
+        self.deadline = math.inf  # loop time when Server._sweep closes it, unless it moved on
         self._peer_cert: Optional[dict] = None
         self._closed = False
         self._between = False  # waiting for another request on a kept-alive connection
+        self._tls = self._handshaking = False
+        self._reading = True  # watching for requests (until the client's end of the stream)
+        sock.setblocking(False)
+        # The kernel's send buffer is bounded from the first response on (_send), and nothing is sent
+        # before it but a TLS handshake.
+        self._sndbuf = 0 if inet else SEND_BUFFER_MAX
+        if inet:  # a pipelined second answer must not wait for the client's delayed ACK of the first
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server.admit(self)
+        tls = self.web is not None and getattr(self.web, "tls", False)
+        # for the TLS handshake (if any) and the first request's head
+        self._deadline(min(HEAD_TIMEOUT, TLS_HANDSHAKE_TIMEOUT) if tls else HEAD_TIMEOUT)
+        if tls:
+            try:
+                self.sock = self.web.ssl_context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError) as exc:
+                log.debug("TLS handshake failed", extra={"error": str(exc)})
+                self.close()
+                return
+            self._handshaking = True
+            server.watch(self.fd, _IN, self._event)
+            self._handshake()
+            return
+        server.watch(self.fd, _IN, self._event)
+        self._readable()  # the request usually came with the connection
 
     # --- life cycle ---
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Headers and body in separate writes: without this, Nagle plus a delayed ACK holds the body.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # A bounded kernel buffer: what a client has not read stays in our flow-controlled queue (no
-            # copy, under the write deadline) instead of in megabytes of autotuned kernel memory per socket.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        self.server.admit(self)
-        self._deadline(HEAD_TIMEOUT)  # for the TLS handshake (if any) and the first request's head
-        web = self.server.app.web
-        if web is not None and getattr(web, "tls", False):
-            transport.pause_reading()
-            # No request is answered before the handshake and the peer check are done: with TLS 1.3 a
-            # request can arrive with the client's last handshake flight and be handed to us before
-            # start_tls() returns, when the answer would go out unencrypted on the raw transport.
-            self.busy = True
-            self.server.loop.create_task(self._start_tls(web))
-
-    async def _start_tls(self, web: Any) -> None:
+    def _handshake(self) -> None:
         try:
-            # start_tls() pauses the transport itself and only then hands it to the TLS protocol. Our own
-            # pause must end first: Python 3.10's transport starts reading even when paused in
-            # connection_made, so start_tls's pause would be a no-op and a ClientHello that is already
-            # waiting would reach the TLS protocol before it is set up and be lost (the handshake hangs).
-            self.transport.resume_reading()
-            tls = await self.server.loop.start_tls(self.transport, self, web.ssl_context(), server_side=True,
-                                                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want_writable(False)
+            return
+        except ssl.SSLWantWriteError:
+            self._want_writable(True)
+            return
+        except (OSError, ValueError) as exc:
             log.debug("TLS handshake failed", extra={"error": str(exc)})
             self.close()
             return
-        if tls is None or self._closed:
+        self._handshaking, self._tls = False, True
+        self._want_writable(False)
+        try:
+            self.web.verify_peer(self.sock)
+        except (ssl.SSLError, ValueError) as exc:
+            log.debug("client certificate refused", extra={"error": str(exc)})
             self.close()
             return
-        self.transport = tls
-        ssl_object = tls.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            try:
-                web.verify_peer(ssl_object)
-            except (ssl.SSLError, ValueError) as exc:
-                log.debug("client certificate refused", extra={"error": str(exc)})
-                self.close()
-                return
-        self._peer_cert = ssl_object.getpeercert() if ssl_object is not None else None
-        self.busy = False
-        self._next()  # a request that came with the handshake
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self._closed = True
-        self._cancel_timer()
-        self.server.connections.pop(self, None)
-        self._out.clear()
+        self._peer_cert = self.sock.getpeercert()
+        self._readable()  # the first request may have come with the handshake's last flight
 
     def close(self) -> None:
         """Drop the connection now: with a reset, so the kernel does not go on sending what is unread."""
-        if self.transport is not None and not self._closed:
-            self._closed = True
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-            self.transport.abort()
-        self._cancel_timer()
+        if not self._closed:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self._lost()
+
+    def _lost(self) -> None:
+        """Forget the connection and close its socket (what the kernel holds is still delivered)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.server.handlers.pop(self.fd, None)  # closing the socket takes it out of the epoll
+        self.server.connections.pop(self, None)
+        self._out.clear()
+        self.sock.close()
 
     def _deadline(self, seconds: float) -> None:
-        self._cancel_timer()
-        self._timer = self.server.loop.call_later(seconds, self.close)
+        """Close the connection `seconds` from now (Server._sweep does) unless another deadline replaces it."""
+        self.deadline = self.loop.time() + seconds
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _no_deadline(self) -> None:
+        """While a request is being worked on (offloaded work has deadlines of its own)."""
+        self.deadline = math.inf
 
     # --- reading ---
+
+    def _readable(self) -> None:
+        if self._handshaking:
+            self._handshake()
+            return
+        while not self._closed:
+            try:
+                data = self.sock.recv(MAX_HEAD + MAX_BODY)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return  # (a TLS renegotiation that never completes ends at the deadline)
+            except OSError:
+                self._lost()
+                return
+            if not data:
+                self._eof()
+                return
+            self.data_received(data)
+            if not self._tls or not self.sock.pending():
+                return  # else TLS holds decrypted bytes that the kernel will not signal again
+
+    def _eof(self) -> None:
+        """The client sends no more: an answer being written is finished, then the connection closed."""
+        if self._out:
+            self._reading = False
+            self.close_after = True
+            self.server.epoll.modify(self.fd, _OUT)
+        else:
+            self._lost()
 
     def data_received(self, data: bytes) -> None:
         if self._between:  # the next request's head starts now: its deadline runs from this byte
@@ -351,7 +478,7 @@ class _Connection(asyncio.Protocol):
             return  # the body is still on its way, under the same deadline
         del self.buffer[: end + 4 + body_length]
         self.busy = True
-        self._cancel_timer()
+        self._no_deadline()
         connection = request.headers.get("connection", "").lower()
         self.close_after = "close" in connection or (request.version == "HTTP/1.0" and "keep-alive" not in connection)
         self._dispatch(request)
@@ -384,8 +511,7 @@ class _Connection(asyncio.Protocol):
             params = parse_qs(query, max_num_fields=20) if query else {}
         except ValueError:
             raise ValueError("invalid query string") from None
-        return Request(method, path, params, headers, version, self.transport.get_extra_info("peername"),
-                       self._peer_cert), int(length_text)
+        return Request(method, path, params, headers, version, self.peer, self._peer_cert), int(length_text)
 
     # --- answering ---
 
@@ -423,8 +549,8 @@ class _Connection(asyncio.Protocol):
         get_like = method in ("GET", "HEAD")
         if path == config.web_telemetry_path and get_like:
             body = app.exposition.get(request.headers.get("accept", ""), request.headers.get("accept-encoding", ""))
-            headers = {"Content-Encoding": "gzip"} if body.gzipped else {}
-            self._respond(request, Response(200, body.data, body.content_type, headers))
+            self._send(self.server.metrics_head(body, self.close_after), body.data, request.method != "HEAD",
+                       getattr(body, "file", None))
         elif path == "/probe" and get_like:
             self._offload(request, app.probe)
         elif path == "/" and get_like:
@@ -468,47 +594,99 @@ class _Connection(asyncio.Protocol):
         self._respond(None, Response.text(status, message))
 
     def _respond(self, request: Optional[Request], response: Response) -> None:
+        self._send(_head(response, self.close_after, self.server.app.web), response.body,
+                   request is None or request.method != "HEAD")
+
+    def _send(self, head: bytes, body: bytes, with_body: bool, file: Any = None) -> None:
+        """Queue a response and start writing it; `file` (an exposition.BodyFile) holds the body's bytes
+        for sendfile() on a plain connection."""
         if self._closed:
             return
-        web = self.server.app.web
-        lines = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'OK')}",
-                 f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}"]
-        for name, value in {**getattr(web, "headers", {}), **response.headers}.items():
-            lines.append(f"{name}: {value}")
-        if self.close_after:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self._out.append(memoryview(head))
-        if request is None or request.method != "HEAD":
-            self._out.append(memoryview(response.body))
+        self._out.append(head)
+        size = len(head)
+        if with_body and body:
+            self._out.append(_FileSlice(file) if file is not None and not self._tls else memoryview(body))
+            size += len(body)
+        if size > self._sndbuf and self._sndbuf < SEND_BUFFER_MAX:
+            # A bounded kernel buffer: what a client has not read stays in our queue (no copy, under the
+            # write deadline), not in megabytes of autotuned kernel memory per socket. It holds a whole
+            # compressed exposition, though: a body written in parts costs a trip through the loop per part,
+            # each waiting for the client to read (a static file server writes it at once).
+            self._sndbuf = max(SEND_BUFFER, min(size, SEND_BUFFER_MAX))
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+            except OSError:
+                pass
         self._deadline(WRITE_TIMEOUT)
-        self._pump()
+        self._flush()
 
-    def _pump(self) -> None:
-        while self._out and not self._paused and not self._closed:
-            part = self._out[0]
-            if len(part) > SLICE:
-                self._out[0] = part[SLICE:]
-                part = part[:SLICE]
-            else:
-                self._out.popleft()
-            self.transport.write(part)
-        if not self._out and not self._closed:
+    def _writable(self) -> None:
+        if self._handshaking:
+            self._handshake()
+        else:
+            self._flush()
+
+    def _want_writable(self, wanted: bool) -> None:
+        if wanted != self._writing and not self._closed:
+            self._writing = wanted
+            self.server.epoll.modify(self.fd, (_IN if self._reading else 0) | (_OUT if wanted else 0))
+
+    def _event(self, events: int) -> None:
+        if events & _OUT and self._writing:
+            self._writable()
+        if events & _NOT_OUT and not self._closed:
+            if self._reading:
+                self._readable()  # a request, the end of the client's stream, or an error: recv says which
+            elif events & _GONE:
+                self._lost()  # reset or hung up while we only write: nothing will be read
+
+    def _flush(self) -> None:
+        """Hand the kernel what it takes of the queued response; the rest waits until the socket is writable."""
+        out = self._out
+        while out and not self._closed:
+            first = out[0]
+            try:
+                if type(first) is _FileSlice:
+                    sent = first.send(self.fd)
+                    if first.left:
+                        break  # the kernel's buffer is full
+                    out.popleft()
+                    continue
+                if self._tls:
+                    sent = self.sock.send(first)
+                elif len(out) > 1 and type(out[1]) is _FileSlice:
+                    sent = self.sock.send(first, socket.MSG_MORE)  # the head goes out with the body's start
+                else:
+                    sent = self.sock.sendmsg(out)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                break
+            except OSError:
+                self._lost()
+                return
+            full = False
+            while sent:
+                if sent >= len(out[0]):
+                    sent -= len(out.popleft())
+                else:
+                    out[0], full = memoryview(out[0])[sent:], True
+                    break
+            if full and not self._tls:
+                break  # the kernel's buffer is full (TLS writes record by record: try again)
+        if self._closed:
+            return
+        self._want_writable(bool(out))
+        if not out:
             self._finished()
 
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        self._pump()
-
     def _finished(self) -> None:
-        """The whole response is handed to the transport: close, or wait for the next request."""
+        """The whole response is with the kernel: close, or wait for the next request."""
         if self.close_after:
-            self.transport.close()  # flushes what is buffered, then closes
-            self._cancel_timer()
-            self._timer = self.server.loop.call_later(WRITE_TIMEOUT, self.close)
+            if self._tls:
+                try:
+                    self.sock.unwrap()  # close_notify, without waiting for the client's
+                except (OSError, ValueError):
+                    pass
+            self._lost()
             return
         self.busy = False
         self.idle = not self.buffer
@@ -520,6 +698,40 @@ class _Connection(asyncio.Protocol):
             self._deadline(IDLE_TIMEOUT)
 
 
+class _FileSlice:
+    """What is left to send of a body file (exposition.BodyFile); holds it open until it is sent."""
+
+    __slots__ = ("file", "offset")
+
+    def __init__(self, file: Any):
+        self.file, self.offset = file, 0
+
+    @property
+    def left(self) -> int:
+        return self.file.size - self.offset
+
+    def send(self, fd: int) -> int:
+        sent = os.sendfile(fd, self.file.fd, self.offset, self.left)
+        self.offset += sent
+        return sent
+
+
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_NOT_OUT = ~select.EPOLLOUT  # readable, hung up or failed
+_GONE = select.EPOLLHUP | select.EPOLLERR
+
+
+def _head(response: Response, close: bool, web: Any) -> bytes:
+    lines = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'OK')}",
+             f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}"]
+    for name, value in {**getattr(web, "headers", {}), **response.headers}.items():
+        lines.append(f"{name}: {value}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def _reload_response(result: tuple[bool, str]) -> Response:
     ok, message = result
     return Response.text(200 if ok else 500, message)
+

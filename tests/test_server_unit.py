@@ -120,3 +120,94 @@ def test_a_response_the_client_never_reads_is_dropped_at_the_write_deadline(monk
         except (ConnectionResetError, socket.timeout):
             pass
         assert received < len(big.get().data)
+
+
+def _big_app() -> App:
+    import hashlib
+
+    from ollama_exporter.snapshot import InstalledModel, ModelDetails
+
+    app = App()
+    many = tuple(InstalledModel(f"m{i}:1", hashlib.sha256(b"%d" % i).hexdigest(), i, ModelDetails())
+                 for i in range(3000))
+    app.exposition.update(replace(rich_snapshot(), installed=many))
+    return app
+
+
+def _read_response(s: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """(head, body, what followed) of one response with a Content-Length."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    while len(rest) < length:
+        chunk = s.recv(1 << 20)
+        assert chunk, "connection closed before the body ended"
+        rest += chunk
+    return head, rest[:length], rest[length:]
+
+
+def test_large_bodies_come_whole_from_the_memory_file_on_kept_alive_connections():
+    app = _big_app()
+    accept = b"Accept: application/openmetrics-text;version=1.0.0\r\nAccept-Encoding: gzip\r\n"
+    with serve_app(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n" + accept + b"\r\n")
+        _read_response(s)  # asks for the variant: it is rendered (with its file) in the background
+        for _ in range(50):
+            body = app.exposition.get(accept.split(b"\r\n")[0][8:].decode(), "gzip")
+            if body.file is not None:
+                break
+            time.sleep(0.05)
+        assert body.file is not None and len(body.data) > 32 * 1024
+        left = b""
+        for method in (b"GET", b"HEAD", b"GET"):
+            s.sendall(method + b" /metrics HTTP/1.1\r\n" + accept + b"\r\n")
+            head, got, left = _read_response(s, left) if method == b"GET" else (*_read_head(s, left), b"")
+            assert b"Content-Encoding: gzip" in head and f"Content-Length: {len(body.data)}".encode() in head
+            assert got == (body.data if method == b"GET" else b"")
+
+
+def _read_head(s: socket.socket, buffered: bytes) -> tuple[bytes, bytes]:
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert rest == b""  # a HEAD answer has no body
+    return head, b""
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_whole_answer():
+    app = _big_app()
+    with serve_app(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        _, body, _ = _read_response(s)
+        assert body == app.exposition.get().data
+        assert s.recv(1) == b""  # and then the server closes
+
+
+def test_bursts_of_short_connections_are_all_answered_under_a_small_cap():
+    """Accepting a whole backlog at once counted connections already answered and closed by their client
+    against the cap, and evicted new ones before their request was read (resets under load)."""
+    app = App(web_max_connections=32)
+    failures = []
+
+    def client(port: int) -> None:
+        for _ in range(40):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(b"GET /-/healthy HTTP/1.1\r\n\r\n")
+                    head, body, _ = _read_response(s)
+                    if not head.startswith(b"HTTP/1.1 200") or body != b"OK\n":
+                        failures.append(head)
+            except OSError as exc:
+                failures.append(exc)
+
+    with serve_app(app) as port:
+        threads = [threading.Thread(target=client, args=(port,)) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert failures == []

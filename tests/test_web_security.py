@@ -484,3 +484,35 @@ def test_no_request_is_answered_before_the_handshake_and_the_peer_check_are_done
     assert status(*ca, "--cert", str(certs / "client.crt"), "--key", str(certs / "client.key"), "-X", "POST",
                   exp.url + "/-/reload") == "200"
     assert "configuration reloaded" in [r["msg"] for r in exp.log_records()]
+
+
+def test_tls_keep_alive_serves_large_bodies_whole_with_basic_auth(certs, tmp_path):
+    """Big answers go out over TLS in many records across partial writes, request after request."""
+    import base64
+    import hashlib
+    import ssl
+    from dataclasses import replace
+
+    from ollama_exporter.snapshot import InstalledModel, ModelDetails
+    from ollama_exporter.webconfig import load_web_config
+    from tests.test_metrics import rich_snapshot
+    from tests.test_server_unit import App, _read_response, serve_app
+
+    app = App()
+    app.web = load_web_config(str(web_config(tmp_path / "web.yml", certs)))
+    many = tuple(InstalledModel(f"m{i}:1", hashlib.sha256(b"%d" % i).hexdigest(), i, ModelDetails())
+                 for i in range(3000))
+    app.exposition.update(replace(rich_snapshot(), installed=many))
+    expected = app.exposition.get().data
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    auth = base64.b64encode(f"prometheus:{PASSWORD}".encode())
+    with serve_app(app) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as s:
+        left = b""
+        for _ in range(3):
+            s.sendall(b"GET /metrics HTTP/1.1\r\nAuthorization: Basic " + auth + b"\r\n\r\n")
+            head, body, left = _read_response(s, left)
+            assert head.startswith(b"HTTP/1.1 200") and body == expected and len(expected) > 500_000
+        s.sendall(b"GET /metrics HTTP/1.1\r\nAuthorization: Basic " + base64.b64encode(b"prometheus:no") + b"\r\n\r\n")
+        head, _, _ = _read_response(s, left)
+        assert head.startswith(b"HTTP/1.1 401")
