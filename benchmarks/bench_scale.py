@@ -345,18 +345,22 @@ ACTIVITIES = (  # innermost matching frame decides
     ("JSON parsing", ("json/decoder.py", "json/__init__.py", "json/scanner.py")),
     ("rendering", ("exposition.py", "metrics.py", "prometheus_client/")),
     ("GPU (NVML)", ("gpu.py", "pynvml", "runners.py")),
-    ("HTTP calls", ("requests/", "urllib3/", "http/client.py", "socket.py", "ssl.py", "selectors.py",
-                    "email/", "idna/", "charset_normalizer/")),
+    ("HTTP calls", ("httpclient.py", "requests/", "urllib3/", "http/client.py", "socket.py", "ssl.py",
+                    "selectors.py", "email/", "idna/", "charset_normalizer/")),
 )
 PARSE_FILES = ("ollama.py", "snapshot.py")  # the parsers and the values they build
 
 
+OWNERS = {"poller.py": "poll", "showcache.py": "poll", "exposition.py": "poll", "prober.py": "probes",
+          "server.py": "HTTP server"}
+
+
 def classify(frames: list[tuple[str, str]]) -> tuple[str, str]:
-    """(owner, activity) of one sampled stack, frames outermost first as (function, file)."""
-    files = [f for _, f in frames]
-    owner = ("probes" if any(f.endswith("prober.py") for f in files) else
-             "poll" if any(f.endswith("poller.py") for f in files) else
-             "HTTP server" if any(f.endswith("server.py") or "asyncio/" in f for f in files) else "other")
+    """(owner, activity) of one sampled stack, frames outermost first as (function, file). The owner is
+    the thread's entry into the exporter (the poll loop and its source calls, the probe workers, the
+    HTTP server), the activity the innermost frame that says what is being done."""
+    entry = next((f for _, f in frames if "ollama_exporter/" in f), "")
+    owner = OWNERS.get(entry.rsplit("/", 1)[-1], "other")
     for function, file in reversed(frames):
         for activity, markers in ACTIVITIES:
             if any(m in file for m in markers):

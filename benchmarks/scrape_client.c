@@ -228,7 +228,9 @@ static int run_concurrent(int count, int conc) {
             }
             if (finished) {
                 lat[done++] = now_us() - s->t0;
-                if (!ok) errors++;
+                if (!ok && errors++ < 3)
+                    fprintf(stderr, "scrape_client: error (status %d, %lld body bytes missing, errno %d)\n",
+                            s->r.status, s->r.body_left, errno);
                 close(s->fd);
                 s->fd = -1;
             }
