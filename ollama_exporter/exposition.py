@@ -50,6 +50,7 @@ CONTENT_TYPES = {TEXT: "text/plain; version=0.0.4; charset=utf-8",
 WANTED_FOR = 900.0  # seconds a format stays rendered after the last scrape that asked for it
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, no mtime, unknown OS (RFC 1952)
 _FINAL_BLOCK = b"\x03\x00"  # an empty final fixed-Huffman deflate block
+CHUNK_BYTES = 32 * 1024  # a family's text is deflated in pieces about this big (see Writer._blocks)
 SENDFILE_MIN = 32 * 1024  # smaller bodies are sent from our memory: one write beats two calls
 
 
@@ -113,15 +114,20 @@ class _Shape:
 
 
 class _FamilyText:
-    """The last rendition of one family: its rows, their lines, and its body in each format."""
+    """The last rendition of one family: its rows, their lines (in the same order), and its body in each
+    format."""
 
-    __slots__ = ("source", "rows", "lines", "body", "left_out", "deflated")
+    __slots__ = ("source", "rows", "lines", "body", "left_out", "encoded", "gzipped", "blocks", "previous")
 
-    def __init__(self, source: list, rows: list, lines: dict, body: str, left_out: int = 0):
+    def __init__(self, source: list, rows: list, lines: list, body: str, left_out: int = 0,
+                 previous: Optional[list] = None):
         self.source = source  # the rows list it was rendered from: the same list again means no change
-        self.rows, self.lines, self.body = rows, lines, body
+        self.rows, self.lines, self.body = rows, lines, body  # lines: None for a row left out
         self.left_out = left_out  # rows that could not be rendered
-        self.deflated: dict[str, tuple[bytes, bytes]] = {}  # format -> (encoded body, its deflate block)
+        self.encoded: dict[str, bytes] = {}  # format -> header and body, encoded
+        self.gzipped: dict[str, bytes] = {}  # format -> the same as full-flushed deflate blocks
+        self.blocks: Optional[list[tuple[tuple, bytes]]] = None  # the body deflated chunk by chunk: (rows, block)
+        self.previous = previous  # the blocks of the last rendition, until these are made from them
 
 
 class Writer:
@@ -130,6 +136,8 @@ class Writer:
     def __init__(self) -> None:
         self._shapes = {name: _Shape.of(d) for name, d in DEFS.items()}
         self._last: dict[str, _FamilyText] = {}
+        self._header_blocks: dict[tuple[str, str], bytes] = {}
+        self._chunk_rows: dict[str, int] = {}  # family -> rows per deflate chunk, fixed so chunks line up
         self.failures = 0
 
     def render(self, families: Iterable[Family], fmt: str, gzipped: bool) -> tuple[bytes, bool]:
@@ -164,21 +172,29 @@ class Writer:
             last.source = family.rows
             return last, not last.left_out
         try:
-            old = last.lines if last is not None else {}
-            lines: dict = {}
+            rows = family.rows
+            old_rows, old_lines = (last.rows, last.lines) if last is not None else ((), [])
+            # Rows that stayed where they were are compared in place (most are the very same objects); when
+            # rows came or went, each is looked up by value instead.
+            by_row = None if len(old_rows) == len(rows) else dict(zip(old_rows, old_lines))
+            lines: list[Optional[str]] = []
             left_out = 0
-            for row in family.rows:
-                line = old.get(row) or lines.get(row)
+            for i, row in enumerate(rows):
+                if by_row is None:
+                    before = old_rows[i]
+                    line = old_lines[i] if before is row or before == row else None
+                else:
+                    line = by_row.get(row)
                 if line is None:
                     try:
                         line = self._line(family.d, row)
                         line.encode("utf-8")  # fail here, not in the middle of a response
                     except (ValueError, TypeError, OverflowError):  # UnicodeEncodeError is a ValueError
                         left_out += 1
-                        continue
-                lines[row] = line
-            text = _FamilyText(family.rows, list(family.rows), lines,
-                               "".join(lines[r] for r in family.rows if r in lines), left_out)
+                        line = None
+                lines.append(line)
+            previous = (last.blocks or last.previous) if last is not None else None
+            text = _FamilyText(rows, list(rows), lines, "".join(filter(None, lines)), left_out, previous)
         except Exception:  # noqa: BLE001 - one bad family must not take the exposition down
             self.failures += 1
             log.error("cannot render a metric family, serving its last good rendition", exc_info=True,
@@ -219,12 +235,38 @@ class Writer:
         return f"# HELP {name} {help_text}\n# TYPE {name} {d.kind}\n"
 
     def _encoded(self, d: Def, text: _FamilyText, fmt: str, gzipped: bool) -> bytes:
-        cached = text.deflated.get(fmt)
-        if cached is None or (gzipped and not cached[1]):
-            raw = (self.header(d, fmt) + text.body).encode("utf-8")
-            block = _deflate_block(raw) if gzipped else b""
-            cached = text.deflated[fmt] = (raw, block)
-        return cached[1] if gzipped else cached[0]
+        done = (text.gzipped if gzipped else text.encoded).get(fmt)
+        if done is None:
+            if gzipped:
+                done = text.gzipped[fmt] = self._header_block(d, fmt) + b"".join(b for _, b in self._blocks(d, text))
+            else:
+                done = text.encoded[fmt] = (self.header(d, fmt) + text.body).encode("utf-8")
+        return done
+
+    def _header_block(self, d: Def, fmt: str) -> bytes:
+        block = self._header_blocks.get((d.name, fmt))
+        if block is None:
+            block = self._header_blocks[(d.name, fmt)] = _deflate_block(self.header(d, fmt).encode("utf-8"))
+        return block
+
+    def _blocks(self, d: Def, text: _FamilyText) -> list[tuple[tuple, bytes]]:
+        """The body deflated in chunks of a fixed number of rows (about CHUNK_BYTES of text each, from the
+        family's first rendition), each a full-flushed block: when a few rows changed (a probed model, a
+        moved gauge), only their chunks are compressed again, the others come from the last rendition."""
+        if text.blocks is None:
+            size = self._chunk_rows.get(d.name)
+            if size is None:
+                size = self._chunk_rows[d.name] = max(1, CHUNK_BYTES * len(text.rows) // max(1, len(text.body)))
+            previous, blocks = text.previous or [], []
+            for k, start in enumerate(range(0, len(text.rows), size)):
+                rows = tuple(text.rows[start:start + size])
+                if k < len(previous) and previous[k][0] == rows:
+                    blocks.append(previous[k])
+                else:
+                    block = _deflate_block("".join(filter(None, text.lines[start:start + size])).encode("utf-8"))
+                    blocks.append((rows, block))
+            text.blocks, text.previous = blocks, None
+        return text.blocks
 
 
 def _deflate_block(data: bytes) -> bytes:

@@ -293,13 +293,13 @@ class Sections:
 
     def get(self, name: str, inputs: tuple, build: Callable[[], Iterable[Family]]) -> list[Family]:
         last = self._last.get(name)
-        if last is None or last[0] != inputs:
+        if last is None or (last[0] is not inputs and last[0] != inputs):
             last = self._last[name] = (inputs, list(build()))
         return last[1]
 
     def probe_rows(self, model: str, stats, build: Callable[[], list]) -> list[tuple[str, tuple]]:
         last = self._probes.get(model)
-        if last is None or last[0] != stats:
+        if last is None or (last[0] is not stats and last[0] != stats):
             last = self._probes[model] = (stats, build())
         return last[1]
 

@@ -4,6 +4,8 @@ costs what changed; one bad family never takes the exposition down; gzip decodes
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import shutil
 import subprocess
 import zlib
@@ -241,3 +243,74 @@ def test_a_thousand_different_accept_headers_keep_the_variants_bounded():
     for i in range(1000):
         exp.get(f"application/openmetrics-text; version=1.0.{i}", f"gzip;q=0.{i % 10}")
     assert set(exp._wanted) <= {(TEXT, False), (TEXT, True), (OPENMETRICS, False), (OPENMETRICS, True)}
+
+
+def test_reused_sections_render_exactly_what_a_fresh_render_does():
+    """An Exposition that reuses what did not change serves, snapshot after snapshot, the bytes a fresh
+    one renders for the same snapshot: nothing stale survives a change, nothing is rendered twice."""
+    from dataclasses import replace
+
+    from ollama_exporter.snapshot import frozen_map
+
+    base = full_snapshot()
+    more = base.installed + (replace(base.installed[0], name="extra:1"),)
+    probes = dict(base.probes)
+    name = next(iter(probes))
+    sequence = [base, replace(base, timestamp=base.timestamp + 5),
+                replace(base, installed=more), replace(base, installed=more),
+                replace(base, probes={**probes, name: replace(probes[name], probes=probes[name].probes + 1)}),
+                replace(base, loads_total=frozen_map({**base.loads_total, "extra:1": 3})), base]
+    reusing = Exposition(runtime_metrics=False)
+    calls = []
+    original = reusing._writer._line
+    reusing._writer._line = lambda d, row: calls.append(row) or original(d, row)
+    for snapshot in sequence:
+        reusing.update(snapshot)
+        fresh = Exposition(runtime_metrics=False)
+        fresh.update(snapshot)
+        assert reusing.get().data == fresh.get().data
+    calls.clear()
+    reusing.update(base)
+    assert calls == []  # an unchanged snapshot renders no line
+
+
+def test_a_large_wanted_body_is_also_in_a_memory_file_with_the_same_bytes():
+    from dataclasses import replace
+
+    from ollama_exporter.snapshot import InstalledModel, ModelDetails
+
+    exp = Exposition(runtime_metrics=False)
+    many = tuple(InstalledModel(f"m{i}:1", hashlib.sha256(b"%d" % i).hexdigest(), i, ModelDetails())
+                 for i in range(2000))
+    exp.update(replace(rich_snapshot(), installed=many))
+    assert exp.get().file is None  # the text format nobody asked for yet: no file
+    exp._wanted[(TEXT, False)] = exp._wanted[(OPENMETRICS, True)] = exp.clock()
+    exp.update(replace(rich_snapshot(), installed=many))
+    for body in (exp.get(), exp.get("application/openmetrics-text; version=1.0.0", "gzip")):
+        assert body.file is not None and body.file.size == len(body.data)
+        assert os.pread(body.file.fd, len(body.data) + 1, 0) == body.data
+    small = Exposition(runtime_metrics=False)
+    small._wanted[(TEXT, False)] = small.clock()
+    small.update(rich_snapshot())
+    assert small.get().file is None  # small bodies are sent from memory
+
+
+def test_a_large_family_is_compressed_again_only_where_it_changed(monkeypatch):
+    d = DEFS["ollama_model_loads_total"]
+    family = d.family()
+    for i in range(5000):
+        family.add((f"model-{i:05d}:latest",), float(i))
+    writer = Writer()
+    first, _ = writer.render([family], OPENMETRICS, gzipped=True)
+    compressed = []
+    original = exposition._deflate_block
+    monkeypatch.setattr(exposition, "_deflate_block", lambda data: compressed.append(data) or original(data))
+    changed = d.family()
+    changed.rows = list(family.rows)
+    changed.rows[2500] = (changed.rows[2500][0], 1e9)
+    body, _ = writer.render([changed], OPENMETRICS, gzipped=True)
+    plain, _ = writer.render([changed], OPENMETRICS, gzipped=False)
+    assert len(compressed) == 1 and b'model="model-02500:latest"} 1e+09' in compressed[0]
+    assert len(compressed[0]) < len(plain) / 4  # one chunk of many
+    assert zlib.decompressobj(-15).decompress(body) == plain
+    assert plain == reference([changed], OPENMETRICS)[: -len(b"# EOF\n")]

@@ -205,3 +205,43 @@ def test_extra_headers_go_with_inference_requests(up):
     c.post("/api/generate", {"model": "m"}, 2.0, {"X-Forwarded-For": "192.0.2.1"})
     assert [r.headers["x-forwarded-for"] for r in up.requests] == ["192.0.2.1"] * 3
     assert "X-Forwarded-For" not in c.http.headers
+
+
+def _tags(*rows: dict) -> bytes:
+    return json.dumps({"models": list(rows)}).encode()
+
+
+ROW_A = {"name": "a:1", "digest": "a" * 64, "size": 1000, "details": {"family": "llama", "families": ["llama"]}}
+ROW_B = {"name": "b:1", "digest": "b" * 64, "size": 2000, "details": {"family": "qwen3", "families": ["qwen3"]}}
+
+
+def test_the_same_answer_gives_back_the_same_rows_and_a_changed_row_alone_is_parsed_again(up):
+    ollama = client(up)
+    up.reply("GET", "/api/tags", body=_tags(ROW_A, ROW_B))
+    first = ollama.tags()
+    again = ollama.tags()
+    assert [m for m in again] == first and all(a is b for a, b in zip(again, first))  # not parsed again
+    up.reply("GET", "/api/tags", body=_tags(ROW_A, {**ROW_B, "size": 3000}))
+    changed = ollama.tags()
+    assert changed[0] is first[0]  # an unchanged row keeps its parsed value
+    assert changed[1] is not first[1] and changed[1].size == 3000
+
+
+@pytest.mark.parametrize("value", [True, 1.0, "1000"])
+def test_a_row_equal_in_python_but_not_in_json_is_parsed_again(up, value):
+    """1 == 1.0 == True in Python: reusing the last row's parse on == alone would report a boolean size."""
+    ollama = client(up)
+    up.reply("GET", "/api/tags", body=_tags({**ROW_A, "size": 1}, {**ROW_B, "details": {"family": 1}}))
+    first = ollama.tags()
+    assert first[0].size == 1
+    up.reply("GET", "/api/tags", body=_tags({**ROW_A, "size": value}, {**ROW_B, "details": {"family": True}}))
+    second = ollama.tags()
+    assert second[0].size == parse_installed({**ROW_A, "size": value}).size
+    assert second[1] == parse_installed({**ROW_B, "details": {"family": True}})
+
+
+def test_dropped_rows_are_counted_on_every_answer_even_when_it_did_not_change(up):
+    ollama = OllamaClient(up.url, 2.0, max_models=1)
+    up.reply("GET", "/api/tags", body=_tags(ROW_A, ROW_B, {"name": ""}))
+    assert ollama.tags().dropped == {"limit": 2}
+    assert ollama.tags().dropped == {"limit": 2}  # the same bytes: the same answer, the same drops

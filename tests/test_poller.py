@@ -214,3 +214,21 @@ def test_old_server_shapes(fake_ollama):
     assert sample(t, "ollama_loaded_model_vram_bytes", model="zephyr:latest") is None
     assert sample(t, "ollama_loaded_model_context_length", model="zephyr:latest") is None
     assert "ollama_model_capability{" not in t
+
+
+def test_an_unchanged_inventory_is_the_same_objects_in_the_next_snapshot(fake_ollama):
+    """What did not change is handed on as the very same objects, so its metrics are not rendered again."""
+    fake_ollama.add_model("qwen3:8b")
+    fake_ollama.add_model("gemma3:4b")
+    fake_ollama.load("qwen3:8b")
+    poller = make_poller(fake_ollama)
+    first, second = poller.poll_once(), poller.poll_once()
+    assert second.installed is first.installed and second.loaded[0] is first.loaded[0]
+    assert second.loads_total is first.loads_total
+    fake_ollama.add_model("llama3.2:1b")
+    fake_ollama.unload("qwen3:8b")
+    third = poller.poll_once()
+    assert third.installed is not first.installed and len(third.installed) == 3
+    assert {m.name: m for m in third.installed}["gemma3:4b"] is {m.name: m for m in first.installed}["gemma3:4b"]
+    assert third.loaded == () and third.unloads_total["qwen3:8b"] == 1
+    assert sample(text(third), "ollama_model_size_bytes", model="llama3.2:1b") == 4_920_000_000
