@@ -4,8 +4,10 @@ models, side by side with nginx serving the very same bytes (the floor), in one 
 For each scale the fake Ollama (tests/fakes/ollama.py, answering /api/tags and /api/ps from cached
 bytes and probes at once, so that it costs little next to the Go server it stands in for) holds N
 installed models, 10 % of them loaded with keep_alive -1 (so every one is probed); two GPUs come from the
-fake libnvidia-ml (tests/fakes/nvml) under the real bindings. The exporter runs as a real process with
-poll.interval 1s and probes.interval 6s (six polls per probe round, as at the defaults 5s and 30s).
+fake libnvidia-ml (tests/fakes/nvml) under the real bindings. The exporter runs as a real process,
+with poll.interval 1s and probes.interval 6s while its CPU is measured (six polls per probe round, as at
+the defaults, so a poll's share of the probes is the same, in a fifth of the time), then reloaded
+(SIGHUP) with --scrape-intervals (default: the defaults, 5s and 30s) for the scrapes.
 
   1. CPU per poll: utime+stime from /proc/<pid>/stat over a scrape-free window, divided by the polls
      the fake saw (its /api/version calls); probes and the exporter's own threads included. Then a
@@ -16,7 +18,7 @@ poll.interval 1s and probes.interval 6s (six polls per probe round, as at the de
      worker, loopback, a minimal config in a temp dir) serving the exporter's exact gzip body with the
      same Content-Type, interleaved in rounds (ours first, then the floor first, ...):
        new   sequential, a new connection per scrape;
-       paced keep-alive, one scrape every 23 ms across polls, so some land while a poll runs;
+       paced keep-alive, one scrape every 23 ms across polls, so some land while a poll or probe runs;
        conc  50 concurrent connections, a new connection per scrape (requests/s and latency);
        tls   paced keep-alive over TLS with basic auth (the exporter reloaded with a web config; nginx
              with ssl and a {PLAIN} password file, its cheapest check).
@@ -26,6 +28,7 @@ Setup: installs Debian's nginx-light (if nginx is missing and this runs as root)
 virtualenv (if missing); without them, the floor or the split is left out and the output says so.
 
 Usage: .venv/bin/python benchmarks/bench_scale.py [--scales 50,500,2000] [--rounds 6] [--window 30]
+       [--scrape-intervals 5s,30s]
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
                      "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 PASSWORD = "bench-password"
-PACE_US = 23_000  # paced scrapes: not a divisor of the 1 s poll interval, so they sweep across polls
+PACE_US = 23_000  # paced scrapes: not a divisor of any poll interval, so they sweep across polls
 GOALS = {"p99": 1.5, "rps": 0.8, "conc_p99": 2.0, "cpu_ms": {500: 40.0, 2000: 150.0}, "rss_mib": {500: 50.0}}
 
 
@@ -416,14 +419,16 @@ def run_scale(models: int, args: argparse.Namespace, tools: Tools, tmp: Path, nv
     exporter = nginx = None
     web_config = tmp / f"web-{models}.yml"
     web_config.write_text("{}\n")
+    config = tmp / f"config-{models}.yml"
+    config.write_text("poll:\n  interval: 1s\nprobes:\n  interval: 6s\n")
     log = open(tmp / f"exporter-{models}.log", "w")
     try:
         populate(fake, models)
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_EXPORTER_", "OLLAMA_HOST"))}
         exporter = subprocess.Popen(
-            [sys.executable, "-m", "ollama_exporter", "--ollama.url", fake.url, "--poll.interval", "1s",
-             "--probes.interval", "6s", "--web.listen-address", f"127.0.0.1:{port}", "--gpu.enabled", "true",
+            [sys.executable, "-m", "ollama_exporter", "--config.file", str(config), "--ollama.url", fake.url,
+             "--web.listen-address", f"127.0.0.1:{port}", "--gpu.enabled", "true",
              "--web.config.file", str(web_config), "--log.level", "warn"],
             env={**env, **nvml_env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         wait_until(lambda: http_get(port, "/-/ready", {})[0] == 200, 60, "the exporter's first poll")
@@ -438,6 +443,12 @@ def run_scale(models: int, args: argparse.Namespace, tools: Tools, tmp: Path, nv
         rss, peak = memory_mib(exporter.pid)
         split, samples = profile(tools.pyspy, exporter.pid, args.profile, tmp) if tools.pyspy else (Counter(), 0)
 
+        poll_interval, probe_interval = args.scrape_intervals.split(",")
+        config.write_text(f"poll:\n  interval: {poll_interval}\nprobes:\n  interval: {probe_interval}\n")
+        before_reload = fake.count("/api/version")
+        exporter.send_signal(signal.SIGHUP)  # the reload polls at once
+        wait_until(lambda: fake.count("/api/version") > before_reload, 30, "the poll after the reload")
+        time.sleep(1.0)
         status, headers, gz = http_get(port, "/metrics", head)
         assert status == 200 and headers.get("content-encoding") == "gzip", (status, headers)
         body = gzip.decompress(gz)
@@ -572,6 +583,8 @@ def main() -> None:
     parser.add_argument("--paced", type=int, default=100, help="paced keep-alive scrapes per round")
     parser.add_argument("--conc", type=int, default=1000, help="scrapes per round from 50 concurrent clients")
     parser.add_argument("--tls", type=int, default=50, help="paced TLS keep-alive scrapes per round")
+    parser.add_argument("--scrape-intervals", default="5s,30s",
+                        help="poll.interval,probes.interval while scraping (the CPU window runs at 1s,6s)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -589,7 +602,8 @@ def main() -> None:
             print(report(results[-1:], tools), file=sys.stderr)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     print(f"bench_scale at {commit.strip() or '?'}; {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}; {args.rounds} interleaved rounds; client: benchmarks/scrape_client.c; "
+          f"{os.getloadavg()[0]:.1f}; {args.rounds} interleaved rounds; polls/probes every "
+          f"{args.scrape_intervals.replace(',', '/')} while scraping; client: benchmarks/scrape_client.c; "
           f"floor: {'nginx ' + nginx_version(tools.nginx) + ', 1 worker' if tools.nginx else 'none'}")
     print(report(results, tools))
     if args.json:
