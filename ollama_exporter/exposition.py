@@ -137,7 +137,7 @@ class Writer:
         self._shapes = {name: _Shape.of(d) for name, d in DEFS.items()}
         self._last: dict[str, _FamilyText] = {}
         self._header_blocks: dict[tuple[str, str], bytes] = {}
-        self._chunk_rows: dict[str, int] = {}  # family -> rows per deflate chunk, fixed so chunks line up
+        self._chunk_rows: dict[str, int] = {}  # family -> rows per deflate chunk, kept so chunks line up
         self.failures = 0
 
     def render(self, families: Iterable[Family], fmt: str, gzipped: bool) -> tuple[bytes, bool]:
@@ -250,13 +250,14 @@ class Writer:
         return block
 
     def _blocks(self, d: Def, text: _FamilyText) -> list[tuple[tuple, bytes]]:
-        """The body deflated in chunks of a fixed number of rows (about CHUNK_BYTES of text each, from the
-        family's first rendition), each a full-flushed block: when a few rows changed (a probed model, a
-        moved gauge), only their chunks are compressed again, the others come from the last rendition."""
+        """The body deflated in chunks of a fixed number of rows (about CHUNK_BYTES of text each), each a
+        full-flushed block: when a few rows changed (a probed model, a moved gauge), only their chunks are
+        compressed again, the others come from the last rendition. The rows per chunk change only when
+        the family's lines got twice as long or short on average, which recompresses it whole once."""
         if text.blocks is None:
-            size = self._chunk_rows.get(d.name)
-            if size is None:
-                size = self._chunk_rows[d.name] = max(1, CHUNK_BYTES * len(text.rows) // max(1, len(text.body)))
+            size, ideal = self._chunk_rows.get(d.name), max(1, CHUNK_BYTES * len(text.rows) // max(1, len(text.body)))
+            if size is None or not size // 2 <= ideal <= size * 2:  # kept while the lines keep their length
+                size = self._chunk_rows[d.name] = ideal
             previous, blocks = text.previous or [], []
             for k, start in enumerate(range(0, len(text.rows), size)):
                 rows = tuple(text.rows[start:start + size])

@@ -314,3 +314,16 @@ def test_a_large_family_is_compressed_again_only_where_it_changed(monkeypatch):
     assert len(compressed[0]) < len(plain) / 4  # one chunk of many
     assert zlib.decompressobj(-15).decompress(body) == plain
     assert plain == reference([changed], OPENMETRICS)[: -len(b"# EOF\n")]
+
+
+def test_a_family_that_starts_empty_still_compresses_as_well_as_whole():
+    """The rows per chunk follow the family's line length, not its first (empty) rendition."""
+    d = DEFS["ollama_model_loads_total"]
+    writer = Writer()
+    writer.render([d.family()], OPENMETRICS, gzipped=True)
+    family = d.family()
+    for i in range(5000):
+        family.add((f"model-{i:05d}:latest",), float(i))
+    body, _ = writer.render([family], OPENMETRICS, gzipped=True)
+    plain, _ = writer.render([family], OPENMETRICS, gzipped=False)
+    assert len(body) < 1.2 * len(zlib.compress(plain, 6))
