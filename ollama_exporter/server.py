@@ -1,5 +1,5 @@
 """HTTP: `/` (landing page), the telemetry path (`/metrics`), `/probe`, `/-/healthy`, `/-/ready`,
-`/-/reload`, on one asyncio event loop in one thread.
+`/-/reload`, on one event loop (epoll) in one thread.
 
 A scrape copies bytes that exposition.Exposition rendered when the snapshot arrived: nothing here calls
 Ollama, renders metrics or waits on the poll thread, so /metrics answers in well under a millisecond
@@ -17,9 +17,10 @@ the body; large bodies go out with sendfile from a memory file), the kernel's se
 is bounded, the listen backlog is real, and a failing accept (out of file descriptors) backs off
 instead of spinning.
 
-Connections are not asyncio transports: each socket is driven straight from readiness events (an epoll
-of the server's own, which the asyncio loop watches), so a scrape on a new connection costs about what
-a static file server spends on it (see benchmarks/bench_scale.py).
+The loop is a plain epoll loop with a callback per socket, a timer heap and a wake-up pipe for the worker
+threads, not asyncio: asyncio's transports, protocols, tasks, handles and selector keys cost more than
+the rest of a scrape, and with them a scrape cost several times what nginx spends serving the same bytes;
+now it costs about the same (benchmarks/bench_scale.py).
 
 TLS is negotiated per connection with the web config current at accept time (so a reload can turn
 TLS on or off; certificates rotate by themselves), a client certificate failing client_allowed_sans is
@@ -29,9 +30,10 @@ checked on every path before answering, its headers added to every response.
 
 from __future__ import annotations
 
-import asyncio
 import errno
+import heapq
 import html
+import itertools
 import logging
 import math
 import os
@@ -41,6 +43,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,7 +58,6 @@ log = logging.getLogger(__name__)
 
 BACKLOG = 1024
 ACCEPT_BATCH = 16  # connections taken per wake-up of the loop
-EVENT_ROUNDS = 4  # rounds of ready sockets handled per wake-up of the loop
 SWEEP_INTERVAL = 0.2  # how often deadlines are checked: each is kept to within this
 HEAD_TIMEOUT = 10.0  # the whole request head, from its first byte (or the connection's start)
 IDLE_TIMEOUT = 300.0  # between requests on a keep-alive connection (longer than any scrape interval)
@@ -131,23 +133,27 @@ class App(Protocol):
 
 
 class Server:
-    """Serves `app` on already-bound listening sockets from one event-loop thread."""
+    """Serves `app` on already-bound listening sockets from one thread running an epoll loop."""
 
     def __init__(self, app: App, sockets: list[socket.socket]):
         self.app = app
         self.sockets = sockets
-        self.loop = asyncio.new_event_loop()
-        self.loop.set_exception_handler(self._loop_error)
         self.connections: dict["_Connection", None] = {}  # insertion order = age
         self.auth_pool = ThreadPoolExecutor(1, thread_name_prefix="http-auth")
         self.work_pool = ThreadPoolExecutor(64, thread_name_prefix="http-work")
         self._thread: Optional[threading.Thread] = None
         self._accepting = False
-        # Sockets are watched by an epoll of our own, itself one reader of the asyncio loop: registering,
-        # forgetting and dispatching a connection then costs a system call and a dict entry, not asyncio's
-        # handles and selector keys (which were a fifth of a scrape on a new connection).
+        self._running = False
+        # One epoll for the listeners and every connection, with a callback per descriptor: registering,
+        # forgetting and dispatching a connection costs a system call and a dict entry.
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> its callback, given the epoll events
+        self._timers: list[tuple[float, int, Callable, tuple]] = []  # heap of (when, order, callback, args)
+        self._order = itertools.count()
+        self._calls: deque = deque()  # (callback, args) from other threads, run on the loop
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         self._heads: dict[tuple, tuple] = {}  # (variant, close, web config) -> (its Body, response head)
         # Connections may use at most half the descriptors the process may open, so a flood meets our cap
         # (which closes idle connections to make room) long before accept() fails for lack of descriptors.
@@ -158,44 +164,85 @@ class Server:
         return [s.getsockname() for s in self.sockets]
 
     def start(self) -> None:
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.add_reader(self.epoll.fileno(), self._events)
-            self._accepting = True
-            for sock in self.sockets:
-                sock.setblocking(False)
-                self._listen(sock)
-            self.loop.call_later(SWEEP_INTERVAL, self._sweep)
-            ready.set()
-            self.loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="http", daemon=True)
+        self.watch(self._wake_read, select.EPOLLIN, self._woken)
+        for sock in self.sockets:
+            sock.setblocking(False)
+            self._listen(sock)
+        self.call_later(SWEEP_INTERVAL, self._sweep)
+        self._accepting = self._running = True
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._thread.start()
-        ready.wait(10)
 
     def stop(self) -> None:
-        if self._thread is None or not self.loop.is_running():
+        if self._thread is None or not self._thread.is_alive():
             return
 
         def close() -> None:
-            self._accepting = False
+            self._accepting = self._running = False
             for sock in self.sockets:
                 self.handlers.pop(sock.fileno(), None)
                 sock.close()
             for conn in list(self.connections):
                 conn.close()
-            self.loop.remove_reader(self.epoll.fileno())
-            self.epoll.close()
-            self.loop.stop()
 
-        self.loop.call_soon_threadsafe(close)
+        self.call_soon_threadsafe(close)
         self._thread.join(2)
         if not self._thread.is_alive():
-            self.loop.close()  # else the loop's finaliser complains on stderr at exit, outside the log format
+            for fd in (self._wake_read, self._wake_write):
+                os.close(fd)
+            self.epoll.close()
         self.auth_pool.shutdown(wait=False, cancel_futures=True)
         self.work_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- the loop ---
+
+    def _run(self) -> None:
+        handlers, timers = self.handlers, self._timers
+        while self._running:
+            timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else -1
+            for fd, events in self.epoll.poll(timeout, 256):
+                handler = handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler(events)
+                    except Exception:  # noqa: BLE001 - one connection's bug must not stop the others
+                        log.exception("connection handler failed")
+            while timers and timers[0][0] <= time.monotonic():
+                _, _, callback, args = heapq.heappop(timers)
+                try:
+                    callback(*args)
+                except Exception:  # noqa: BLE001
+                    log.exception("timer callback failed")
+
+    def call_later(self, delay: float, callback: Callable, *args: Any) -> None:
+        """Run `callback(*args)` on the loop after `delay` seconds (from the loop's thread only)."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._order), callback, args))
+
+    def call_soon_threadsafe(self, callback: Callable, *args: Any) -> None:
+        """Run `callback(*args)` on the loop, from any thread."""
+        self._calls.append((callback, args))
+        try:
+            os.write(self._wake_write, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed (stopped)
+
+    def submit(self, pool: ThreadPoolExecutor, work: Callable, arg: Any, done: Callable[[Any], None]) -> None:
+        """Run `work(arg)` in `pool`, then `done(future)` on the loop; RuntimeError if the pool is shut down."""
+        future = pool.submit(work, arg)
+        future.add_done_callback(lambda f: self.call_soon_threadsafe(done, f))
+
+    def _woken(self, events: int) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._calls:
+            callback, args = self._calls.popleft()
+            try:
+                callback(*args)
+            except Exception:  # noqa: BLE001
+                log.exception("loop callback failed")
 
     # --- sockets ---
 
@@ -203,29 +250,13 @@ class Server:
         self.handlers[fd] = handler
         self.epoll.register(fd, events)
 
-    def _events(self) -> None:
-        """Call the handler of every socket that is ready (a closed socket leaves the epoll by itself); a
-        few rounds while there are more, before timers and other callbacks get their turn."""
-        handlers = self.handlers
-        for _ in range(EVENT_ROUNDS):
-            ready = self.epoll.poll(0, 256)
-            for fd, events in ready:
-                handler = handlers.get(fd)
-                if handler is not None:
-                    try:
-                        handler(events)
-                    except Exception:  # noqa: BLE001 - one connection's bug must not stop the others
-                        log.exception("connection handler failed")
-            if not ready:
-                return
-
     def _sweep(self) -> None:
         """Close the connections past their deadline: one timer for all of them, not one per connection."""
-        now = self.loop.time()
+        now = time.monotonic()
         for conn in [c for c in self.connections if c.deadline <= now]:
             conn.close()
         if self._accepting:
-            self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+            self.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _listen(self, listener: socket.socket) -> None:
         family = int(listener.family)
@@ -245,7 +276,7 @@ class Server:
                     log.error("cannot accept connections", extra={"error": str(exc)})
                     self.handlers.pop(listener.fileno(), None)
                     self.epoll.unregister(listener.fileno())
-                    self.loop.call_later(1.0, self._resume_accepting, listener, family)
+                    self.call_later(1.0, self._resume_accepting, listener, family)
                     return
                 continue  # ECONNABORTED and the like: that client is already gone
             _Connection(self, socket.socket(family, socket.SOCK_STREAM, 0, fd), peer, inet)
@@ -276,9 +307,6 @@ class Server:
                                                           close, web))
         return cached[2]
 
-    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        log.debug("connection error", extra={"error": str(context.get("message")),
-                                             "exc": repr(context.get("exception"))})
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -309,18 +337,17 @@ class _Connection:
     """One client connection: read a request head, answer it, repeat; every wait has a deadline.
 
     The non-blocking socket (plain, or TLS through ssl.SSLSocket) is driven straight from the loop's
-    readiness callbacks: no asyncio transport, protocol and task per connection, which cost more than the
-    rest of a scrape on a new connection. A request that arrived with the connection is answered in the
-    callback that accepted it. Responses are queued as views of the shared rendered bytes and handed to
+    readiness callbacks. A request that arrived with the connection is answered in the callback that
+    accepted it. Responses are queued as views of the shared rendered bytes and handed to
     the kernel as fast as the client reads them (its send buffer is bounded), never copied.
     """
 
-    __slots__ = ("server", "loop", "sock", "fd", "peer", "web", "buffer", "idle", "busy", "close_after", "_out",
+    __slots__ = ("server", "sock", "fd", "peer", "web", "buffer", "idle", "busy", "close_after", "_out",
                  "_writing", "deadline", "_peer_cert", "_closed", "_between", "_tls",
                  "_handshaking", "_sndbuf", "_reading")
 
     def __init__(self, server: Server, sock: socket.socket, peer: Any, inet: bool = True):
-        self.server, self.loop, self.sock, self.peer = server, server.loop, sock, peer
+        self.server, self.sock, self.peer = server, sock, peer
         self.fd = sock.fileno()
         self.web = server.app.web  # as at accept time: TLS or not, for the whole connection
         self.buffer = bytearray()
@@ -406,7 +433,7 @@ class _Connection:
 
     def _deadline(self, seconds: float) -> None:
         """Close the connection `seconds` from now (Server._sweep does) unless another deadline replaces it."""
-        self.deadline = self.loop.time() + seconds
+        self.deadline = time.monotonic() + seconds
 
     def _no_deadline(self) -> None:
         """While a request is being worked on (offloaded work has deadlines of its own)."""
@@ -484,10 +511,12 @@ class _Connection:
         self._dispatch(request)
 
     def _parse(self, head: bytes) -> tuple[Request, int]:
-        lines = head.split(b"\r\n")
+        lines = head.decode("latin-1").split("\r\n")  # one byte per character: the bytes' own structure
+        if not lines[0].isascii():
+            raise ValueError("malformed request line")
         try:
-            method, target, version = lines[0].decode("ascii").split(" ")
-        except (UnicodeDecodeError, ValueError):
+            method, target, version = lines[0].split(" ")
+        except ValueError:
             raise ValueError("malformed request line") from None
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise ValueError("unsupported HTTP version")
@@ -495,11 +524,11 @@ class _Connection:
             raise ValueError("too many headers")
         headers: dict[str, str] = {}
         for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip(_SPACE):
                 raise ValueError("malformed header")
-            key = name.decode("latin-1").lower()
-            text = value.strip().decode("latin-1")
+            key = name.lower()
+            text = value.strip(_SPACE)
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         if "transfer-encoding" in headers:
             raise ValueError("request bodies must have a Content-Length")
@@ -526,8 +555,14 @@ class _Connection:
             header = request.headers.get("authorization")
             cached = auth.cached(header)
             if cached is None:
-                future = self.server.loop.run_in_executor(self.server.auth_pool, auth.check, header)
-                future.add_done_callback(lambda f: self._authorised(request, not f.cancelled() and f.result()))
+                def checked(future) -> None:
+                    ok = not future.cancelled() and future.exception() is None and future.result()
+                    self._authorised(request, bool(ok))
+
+                try:
+                    self.server.submit(self.server.auth_pool, auth.check, header, checked)
+                except RuntimeError:  # the pool is shut down
+                    self._respond(request, Response.text(503, "shutting down"))
                 return
             if not cached:
                 self._authorised(request, False)
@@ -583,11 +618,9 @@ class _Connection:
             self._respond(request, response)
 
         try:
-            future = self.server.loop.run_in_executor(self.server.work_pool, work, request)
+            self.server.submit(self.server.work_pool, work, request, done)
         except RuntimeError:  # the pool is shut down
             self._respond(request, Response.text(503, "shutting down"))
-            return
-        future.add_done_callback(done)
 
     def _fail(self, status: int, message: str) -> None:
         self.busy, self.close_after = True, True
@@ -716,6 +749,7 @@ class _FileSlice:
         return sent
 
 
+_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips (str.strip() would also take \x85 and \xa0)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _NOT_OUT = ~select.EPOLLOUT  # readable, hung up or failed
 _GONE = select.EPOLLHUP | select.EPOLLERR
