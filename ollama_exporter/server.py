@@ -47,7 +47,8 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol
+from types import MappingProxyType
 from urllib.parse import parse_qs
 
 from ollama_exporter import __version__
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG = 1024
 ACCEPT_BATCH = 16  # connections taken per wake-up of the loop
+PARSED_HEADS = 256  # request heads whose parse is kept
 SWEEP_INTERVAL = 0.2  # how often deadlines are checked: each is kept to within this
 HEAD_TIMEOUT = 10.0  # the whole request head, from its first byte (or the connection's start)
 IDLE_TIMEOUT = 300.0  # between requests on a keep-alive connection (longer than any scrape interval)
@@ -93,8 +95,8 @@ LANDING_PAGE = """<!DOCTYPE html>
 class Request:
     method: str
     path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
     version: str
     peer: Any = None
     peer_cert: Optional[dict] = None
@@ -155,6 +157,8 @@ class Server:
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._heads: dict[tuple, tuple] = {}  # (variant, close, web config) -> (its Body, response head)
+        # Request heads parsed, by their bytes: a scraper sends the same head every time
+        self.parsed: dict[bytes, tuple] = {}
         # Connections may use at most half the descriptors the process may open, so a flood meets our cap
         # (which closes idle connections to make room) long before accept() fails for lack of descriptors.
         self.fd_budget = max(8, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
@@ -493,11 +497,18 @@ class _Connection:
             self._fail(431, "request head too large")
             return
         head = bytes(self.buffer[:end])
-        try:
-            request, body_length = self._parse(head)
-        except ValueError as exc:
-            self._fail(400, str(exc))
-            return
+        parsed = self.server.parsed.get(head)
+        if parsed is None:
+            try:
+                parsed = _parse(head)
+            except ValueError as exc:
+                self._fail(400, str(exc))
+                return
+            if len(self.server.parsed) >= PARSED_HEADS:
+                self.server.parsed.clear()  # a client inventing heads only makes this a cache that misses
+            self.server.parsed[head] = parsed
+        method, path, query, headers, version, body_length = parsed
+        request = Request(method, path, query, headers, version, self.peer, self._peer_cert)
         if body_length > MAX_BODY:
             self._fail(413, "request body too large")
             return
@@ -509,38 +520,6 @@ class _Connection:
         connection = request.headers.get("connection", "").lower()
         self.close_after = "close" in connection or (request.version == "HTTP/1.0" and "keep-alive" not in connection)
         self._dispatch(request)
-
-    def _parse(self, head: bytes) -> tuple[Request, int]:
-        lines = head.decode("latin-1").split("\r\n")  # one byte per character: the bytes' own structure
-        if not lines[0].isascii():
-            raise ValueError("malformed request line")
-        try:
-            method, target, version = lines[0].split(" ")
-        except ValueError:
-            raise ValueError("malformed request line") from None
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise ValueError("unsupported HTTP version")
-        if len(lines) - 1 > MAX_HEADERS:
-            raise ValueError("too many headers")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip(_SPACE):
-                raise ValueError("malformed header")
-            key = name.lower()
-            text = value.strip(_SPACE)
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        if "transfer-encoding" in headers:
-            raise ValueError("request bodies must have a Content-Length")
-        length_text = headers.get("content-length", "0")
-        if not length_text.isdigit() or len(length_text) > 9:
-            raise ValueError("invalid Content-Length")
-        path, _, query = target.partition("?")
-        try:
-            params = parse_qs(query, max_num_fields=20) if query else {}
-        except ValueError:
-            raise ValueError("invalid query string") from None
-        return Request(method, path, params, headers, version, self.peer, self._peer_cert), int(length_text)
 
     # --- answering ---
 
@@ -753,6 +732,41 @@ _SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips (str.strip() would also 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _NOT_OUT = ~select.EPOLLOUT  # readable, hung up or failed
 _GONE = select.EPOLLHUP | select.EPOLLERR
+
+
+def _parse(head: bytes) -> tuple:
+    """(method, path, query, headers, version, body length) of a request head; ValueError if malformed.
+    Read-only mappings: a parsed head is kept (Server.parsed) and shared by the requests that repeat it."""
+    lines = head.decode("latin-1").split("\r\n")  # one byte per character: the bytes' own structure
+    if not lines[0].isascii():
+        raise ValueError("malformed request line")
+    try:
+        method, target, version = lines[0].split(" ")
+    except ValueError:
+        raise ValueError("malformed request line") from None
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ValueError("unsupported HTTP version")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise ValueError("too many headers")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip(_SPACE):
+            raise ValueError("malformed header")
+        key = name.lower()
+        text = value.strip(_SPACE)
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    if "transfer-encoding" in headers:
+        raise ValueError("request bodies must have a Content-Length")
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit() or len(length_text) > 9:
+        raise ValueError("invalid Content-Length")
+    path, _, query = target.partition("?")
+    try:
+        params = parse_qs(query, max_num_fields=20) if query else {}
+    except ValueError:
+        raise ValueError("invalid query string") from None
+    return method, path, MappingProxyType(params), MappingProxyType(headers), version, int(length_text)
 
 
 def _head(response: Response, close: bool, web: Any) -> bytes:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
+import pytest
 import requests
 
 from ollama_exporter.config import Config
@@ -211,3 +212,23 @@ def test_bursts_of_short_connections_are_all_answered_under_a_small_cap():
         for t in threads:
             t.join(30)
     assert failures == []
+
+
+def test_a_repeated_request_head_is_parsed_once_and_never_shared_mutably():
+    app = App()
+    head = b"GET /metrics HTTP/1.1\r\nAccept-Encoding: gzip\r\nX-Scrape: 1\r\n\r\n"
+    with serve_app(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        left = b""
+        for _ in range(3):
+            s.sendall(head)
+            response, _, left = _read_response(s, left)
+            assert response.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /metrics HTTP/1.1\r\nX-Bad : 1\r\n\r\n")  # not the same head: parsed, and refused
+        response, _, _ = _read_response(s, left)
+        assert response.startswith(b"HTTP/1.1 400")
+    from ollama_exporter.server import _parse
+
+    method, path, query, headers, version, length = _parse(head[:-4])
+    assert (method, path, headers["x-scrape"], length) == ("GET", "/metrics", "1", 0)
+    with pytest.raises(TypeError):
+        headers["x-scrape"] = "2"  # shared by every request that repeats the head: read-only
