@@ -195,10 +195,10 @@ def test_a_snapshot_that_cannot_be_collected_keeps_the_last_good_families(up, mo
     with running(up.url) as (daemon, base):
         real = exposition.collect
 
-        def broken(snapshot):
+        def broken(snapshot, *sections):
             if any(m.name == "trigger:1" for m in snapshot.loaded):
                 raise OverflowError("int too large to convert to float")
-            return real(snapshot)
+            return real(snapshot, *sections)
 
         monkeypatch.setattr(exposition, "collect", broken)
         serve(up, [row("ok:1"), row("trigger:1")])

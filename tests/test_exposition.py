@@ -201,7 +201,7 @@ def test_a_snapshot_that_cannot_be_collected_keeps_the_last_families_and_counts(
     good = rich_snapshot()
     exp.update(good)
     before = exp.get().data
-    monkeypatch.setattr(exposition, "collect", lambda snapshot: 1 / 0)
+    monkeypatch.setattr(exposition, "collect", lambda snapshot, *sections: 1 / 0)
     exp.update(replace(good, installed=()))  # used to raise out of update(), in the poll thread
     body = exp.get().data.decode()
     assert not exp.healthy and exp.render_failures == 1
