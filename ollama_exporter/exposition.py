@@ -270,10 +270,22 @@ class Writer:
         return text.blocks
 
 
+_COMPRESSORS = threading.local()
+
+
 def _deflate_block(data: bytes) -> bytes:
-    """Raw deflate of `data`, ended by a full flush: it decodes the same whatever precedes it."""
-    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
-    return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+    """Raw deflate of `data`, ended by a full flush: it decodes the same whatever precedes it.
+
+    A full flush leaves nothing of the input before it to refer to, so one compressor per thread serves
+    every block: setting one up (a few hundred KiB of zlib state) cost more than compressing a chunk."""
+    compressor = getattr(_COMPRESSORS, "compressor", None)
+    if compressor is None:
+        compressor = _COMPRESSORS.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    try:
+        return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+    except BaseException:
+        _COMPRESSORS.compressor = None  # its state is unknown now
+        raise
 
 
 def gzip_member(blocks: bytes, plain: bytes) -> bytes:
