@@ -68,6 +68,7 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 MAX_BODY = 4096  # /-/reload takes no body; anything bigger is refused
+RECV_SIZE = 8192  # per read: below malloc's mmap threshold (memory.py), so a read is no mmap and munmap
 SEND_BUFFER = 128 * 1024  # the kernel's send buffer per connection (it doubles it for its own accounting)
 SEND_BUFFER_MAX = 512 * 1024  # ... raised, for a response that big, to take the whole of it in one write
 TEXT = "text/plain; charset=utf-8"
@@ -451,7 +452,7 @@ class _Connection:
             return
         while not self._closed:
             try:
-                data = self.sock.recv(MAX_HEAD + MAX_BODY)
+                data = self.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return  # (a TLS renegotiation that never completes ends at the deadline)
             except OSError:
