@@ -261,6 +261,12 @@ def test_odd_methods_targets_and_versions(shared, request_bytes, expected):
         assert b"\r\nAllow: " in answer
 
 
+def test_a_request_head_longer_than_one_read_is_answered(shared):
+    """Heads up to 16 KiB are legal; the server reads 8 KiB at a time, so this one arrives in pieces."""
+    big = b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 12_000 + b"\r\nConnection: close\r\n\r\n"
+    assert statuses(exchange(shared.port, big)) == [b"200"]
+
+
 @pytest.mark.parametrize("accept, accept_encoding, content_type, gzipped", [
     ("application/openmetrics-text; version=1.0.0x", "", "text/plain; version=0.0.4", False),  # dropped before
     (",".join(f"application/openmetrics-text;version=1.0.{i}" for i in range(1, 300)), "", "text/plain", False),
