@@ -151,6 +151,7 @@ class Poller:
         self._joined_memo: dict[int, tuple] = {}  # id(tags row) -> (row, its ShowInfo, the two joined)
         self._frozen_last: dict[str, Mapping] = {}
         self.reload_status: Optional[ReloadStatus] = None  # set by the daemon, copied into each snapshot
+        self.after_poll: Optional[Callable[[], None]] = None  # run by the loop after each poll (the daemon's GC)
         self._wake = threading.Event()
         self._heartbeat: Optional[float] = None  # monotonic time the last poll finished (the loop is alive)
 
@@ -183,6 +184,8 @@ class Poller:
             try:
                 self.poll_once()
                 self._heartbeat = time.monotonic()
+                if self.after_poll is not None:
+                    self.after_poll()
             except Exception:
                 log.exception("poll failed unexpectedly")
             self._wake.wait(min(MAX_WAIT, max(0.0, self.interval - (time.monotonic() - started))))
