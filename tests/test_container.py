@@ -168,8 +168,11 @@ def test_read_only_non_root_container_serves_metrics_and_stops_on_sigterm(image,
     podman = image[0]
     name, url = container("--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
                           "--security-opt", "no-new-privileges")
+    # Ready means a first poll was published, not that it reached Ollama: on a busy machine that first
+    # poll can time out; the next one (500 ms later) must get through.
+    wait_for(lambda: sample(requests.get(url + "/metrics", timeout=5).text, "ollama_up") == 1, timeout=10,
+             message=f"ollama_up 1 ({podman('logs', name, check=False).stderr[-500:]})")
     text = requests.get(url + "/metrics", timeout=5).text
-    assert sample(text, "ollama_up") == 1
     assert sample(text, "ollama_loaded_model_size_bytes", model="qwen3:32b") > 0
     assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
     started = time.monotonic()
