@@ -14,7 +14,6 @@ Usage: .venv/bin/python benchmarks/bench_core.py [--requests 1000] [--window 20]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -25,15 +24,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import free_port, wait_for  # noqa: E402
+from tests.conftest import cpu_seconds, free_port, terminate, wait_for  # noqa: E402
 from tests.fakes.ollama import FakeOllama  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
 def populate(fake: FakeOllama, installed: int, loaded: int) -> None:
@@ -108,8 +101,7 @@ def main() -> None:
         body = requests.get(url + "/metrics", timeout=5).content
         series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
     finally:
-        proc.terminate()
-        proc.wait(5)
+        terminate(proc)
         fake.stop()
 
     p99 = times[min(len(times) - 1, int(len(times) * 0.99))]

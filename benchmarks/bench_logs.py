@@ -17,7 +17,6 @@ Usage: .venv/bin/python benchmarks/bench_logs.py [--lines 200000] [--seconds 10]
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import subprocess
 import sys
@@ -31,17 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ollama_exporter.logsources import LineSplitter  # noqa: E402
 from ollama_exporter.traffic import TrafficStats  # noqa: E402
-from tests.conftest import free_port, sample, wait_for  # noqa: E402
+from tests.conftest import cpu_seconds, free_port, sample, terminate, wait_for  # noqa: E402
 from tests.fakes.ollama import FakeOllama  # noqa: E402
 from tests.fakes.ollama_log import gin_line, load_lines, request_lines, slog_line  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 BATCH = 64 * 1024  # bytes per read, as logsources.READ_SIZE
 
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def corpus(n: int, seed: int = 1) -> bytes:
@@ -131,8 +125,7 @@ def bench_daemon(data: bytes, seconds: int, workdir: Path) -> dict:
         busy = cpu_seconds(proc.pid) - busy_before
         window = time.monotonic() - started
     finally:
-        proc.terminate()
-        proc.wait(10)
+        terminate(proc, 10)
         fake.stop()
     return {"idle": idle, "busy": busy, "window": window, "lag": lag, "total": total}
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port, wait_for  # noqa: E402
+from tests.conftest import cpu_seconds, free_port, rss_kb, terminate, wait_for  # noqa: E402
 from tests.fakes.hostile import ScriptedServer, head  # noqa: E402
 from tests.fakes.ollama import FakeOllama  # noqa: E402
 
@@ -45,10 +43,7 @@ def start_fakes(count: int) -> list[FakeOllama]:
 
 
 def proc_stats(pid: int) -> tuple[float, int]:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    rss = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1])
-    return cpu, rss
+    return cpu_seconds(pid), rss_kb(pid)
 
 
 def scrape_round(session: requests.Session, url: str, targets: list[str], workers: int) -> list[float]:
@@ -112,8 +107,7 @@ def main() -> None:
             print(f"{count:>8} {pct(times, 0.5):>8.1f} {pct(times, 0.99):>8.1f} {pct(with_hung, 0.99):>10.1f} "
                   f"{rss / 1024:>8.1f} {(cpu1 - cpu0) * 1000 / len(times):>14.2f}")
     finally:
-        proc.terminate()
-        proc.wait(5)
+        terminate(proc)
         hung.stop()
         for fake in fakes:
             fake.stop()

@@ -42,7 +42,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -57,10 +56,10 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import cpu_seconds, free_port, proc_status, terminate, wait_for  # noqa: E402
 from tests.fakes.nvml import FakeNvml, two_gpu_box  # noqa: E402
 from tests.fakes.ollama import FakeOllama, go_json  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # What Prometheus 2.42 (Debian 12) sends with every scrape, captured from the real server.
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
                      "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -171,24 +170,6 @@ def populate(fake: FakeOllama, installed: int) -> None:
 # --- the exporter and nginx as processes ---
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"bench_scale: timed out waiting for {what}")
-
-
 def http_get(port: int, path: str, headers: dict[str, str], tls: bool = False) -> tuple[int, dict, bytes]:
     if tls:
         context = ssl.create_default_context()
@@ -204,13 +185,8 @@ def http_get(port: int, path: str, headers: dict[str, str], tls: bool = False) -
         conn.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-
-
 def memory_mib(pid: int) -> tuple[float, float]:
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    status = proc_status(pid)
     return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
 
 
@@ -267,21 +243,16 @@ def start_nginx(nginx: str, tmp: Path, body: bytes, gz: bytes, content_type: str
     proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: http_get(port, "/metrics", {})[0] == 200, 10, "nginx")
-    except SystemExit:
+        wait_for(lambda: http_get(port, "/metrics", {})[0] == 200, 10, message="nginx")
+    except BaseException:  # pytest.fail (wait_for) is not an Exception
         stop(proc)
         raise
     return proc, port, tls_port
 
 
 def stop(proc: Optional[subprocess.Popen]) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    if proc is not None:
+        terminate(proc, 10)
 
 
 # --- the scrapes ---
@@ -431,8 +402,8 @@ def run_scale(models: int, args: argparse.Namespace, tools: Tools, tmp: Path, nv
              "--web.listen-address", f"127.0.0.1:{port}", "--gpu.enabled", "true",
              "--web.config.file", str(web_config), "--log.level", "warn"],
             env={**env, **nvml_env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-        wait_until(lambda: http_get(port, "/-/ready", {})[0] == 200, 60, "the exporter's first poll")
-        wait_until(lambda: fake.count("/api/show") >= models, 120, "every /api/show call")
+        wait_for(lambda: http_get(port, "/-/ready", {})[0] == 200, 60, message="the exporter's first poll")
+        wait_for(lambda: fake.count("/api/show") >= models, 120, message="every /api/show call")
         head = {"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
         http_get(port, "/metrics", head)  # the variant Prometheus wants is rendered from the next poll on
         time.sleep(3.0)
@@ -447,7 +418,7 @@ def run_scale(models: int, args: argparse.Namespace, tools: Tools, tmp: Path, nv
         config.write_text(f"poll:\n  interval: {poll_interval}\nprobes:\n  interval: {probe_interval}\n")
         before_reload = fake.count("/api/version")
         exporter.send_signal(signal.SIGHUP)  # the reload polls at once
-        wait_until(lambda: fake.count("/api/version") > before_reload, 30, "the poll after the reload")
+        wait_for(lambda: fake.count("/api/version") > before_reload, 30, message="the poll after the reload")
         time.sleep(1.0)
         status, headers, gz = http_get(port, "/metrics", head)
         assert status == 200 and headers.get("content-encoding") == "gzip", (status, headers)
@@ -477,7 +448,7 @@ def run_scale(models: int, args: argparse.Namespace, tools: Tools, tmp: Path, nv
                                   f"basic_auth_users:\n  prometheus: '{hashed}'\n")
             exporter.send_signal(signal.SIGHUP)
             auth = {**head, "Authorization": "Basic " + base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()}
-            wait_until(lambda: http_get(port, "/metrics", auth, tls=True)[0] == 200, 30, "TLS after the reload")
+            wait_for(lambda: http_get(port, "/metrics", auth, tls=True)[0] == 200, 30, message="TLS after the reload")
             secure = request_head(port, "/metrics", auth=True)
             runs["tls"]["ours"] = lambda: scrape(tools, tmp, "tls", port, secure, args.tls, PACE_US)
             if tools.nginx:

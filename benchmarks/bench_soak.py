@@ -44,7 +44,6 @@ from tests.fakes.hostile import ScriptedServer, head  # noqa: E402
 STEADY_INSTALLED, STEADY_LOADED = 20, 4
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
                      "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.5,*/*;q=0.4")
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # --- the scripted Ollama: steady models plus a stream of names ---------------------------------------
@@ -140,11 +139,10 @@ class Exporter:
         self.proc, self.port, self.url = self.exporter.proc, self.exporter.port, self.exporter.url
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        return conftest.cpu_seconds(self.proc.pid)
 
     def status(self) -> dict[str, str]:
-        return dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
+        return conftest.proc_status(self.proc.pid)
 
     def rss_mb(self) -> float:
         return int(self.status()["VmRSS"].split()[0]) / 1024

@@ -35,6 +35,33 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as a mapping (VmRSS, VmHWM, Threads...), values as written there."""
+    return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+
+
+def rss_kb(pid: int) -> int:
+    return int(proc_status(pid)["VmRSS"].split()[0])
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> int:
+    """SIGTERM `proc` if it still runs, SIGKILL it after `timeout` seconds; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
     """Poll `predicate` until it returns a truthy value; fail with `message` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -115,13 +142,7 @@ class Exporter:
         return resp.text
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if not self.log_file.closed:
             self.log_file.close()
             text = self.logs()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, terminate, wait_for
 
 
 class ServiceProcess:
@@ -35,9 +35,5 @@ class ServiceProcess:
         return requests.get(self.url + "/-/ready", timeout=1).status_code == 200
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc, 10)
         self.log.close()

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import free_port, sample, wait_for
+from tests.conftest import cpu_seconds, free_port, rss_kb, sample, terminate, wait_for
 
 FAST = ("--poll.interval", "500ms", "--ollama.timeout", "500ms", "--no-probes.enabled")
 
@@ -138,13 +138,8 @@ def test_descriptor_exhaustion_does_not_spin_and_scrapes_come_back(fake_ollama, 
         finally:
             close_all(socks)
     finally:
-        proc.terminate()
-        proc.wait(5)
+        terminate(proc)
 
-
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0
 
 
 def test_slow_readers_cost_no_copies_and_do_not_stall_others(fake_ollama, exporter_factory):
@@ -161,7 +156,7 @@ def test_slow_readers_cost_no_copies_and_do_not_stall_others(fake_ollama, export
     try:
         time.sleep(0.5)
         assert timed_scrape(exp.url) < 1.0
-        rss = int(next(line for line in open(f"/proc/{exp.proc.pid}/status") if line.startswith("VmRSS")).split()[1])
+        rss = rss_kb(exp.proc.pid)
         assert rss < 150_000, f"{rss} kB: response bodies copied per slow reader?"
     finally:
         close_all(readers)
@@ -285,9 +280,6 @@ def test_absurd_accept_headers_map_onto_the_fixed_formats(shared, accept, accept
     assert (resp.headers.get("Content-Encoding") == "gzip") is gzipped
     assert sample(resp.text.replace("# EOF\n", ""), "ollama_up") == 1
 
-
-def rss_kb(pid: int) -> int:
-    return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1])
 
 
 def test_two_thousand_distinct_query_strings_leave_nothing_behind(shared):

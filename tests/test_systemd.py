@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Optional
 import pytest
 import requests
 
-from tests.conftest import BLOBS, REPO, free_port, require_tool, sample, wait_for
+from tests.conftest import BLOBS, REPO, free_port, require_tool, sample, terminate, wait_for
 from tests.fakes.nvml import two_gpu_box
 
 UNIT = REPO / "systemd" / "ollama-exporter.service"
@@ -472,13 +471,7 @@ def test_the_exporter_raises_its_soft_descriptor_limit_under_the_units_filters(s
 
 def stop_cleanly(proc: subprocess.Popen) -> None:
     """SIGTERM the sandboxed exporter: it must exit 0 with nothing refused and no traceback on stderr."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    terminate(proc, 10)
     stderr = proc.stderr.read()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "Operation not permitted" not in stderr, stderr
