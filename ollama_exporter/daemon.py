@@ -29,7 +29,7 @@ from ollama_exporter.logsources import FileSource, JournaldSource, PipeSource
 from ollama_exporter.logstate import StateFile, default_state_path
 from ollama_exporter.memory import QuietCollector, tune_allocator
 from ollama_exporter.multitarget import MultiTarget
-from ollama_exporter.ollama import OllamaClient
+from ollama_exporter.ollama import OllamaClient, make_client
 from ollama_exporter.poller import Poller
 from ollama_exporter.prober import Prober
 from ollama_exporter.runner_slots import RunnerSource
@@ -59,14 +59,6 @@ def make_gpu_source(config: Config) -> tuple[Optional[GpuSource], Optional[GpuSt
             return None, GpuState(nvml_up=False)
         log.warning("NVML is not ready, retrying with backoff", extra={"reason": exc.reason, "error": str(exc)})
     return source, None
-
-
-def make_client(config: Config) -> OllamaClient:
-    """The Ollama client; every request carries X-Forwarded-For probes.forwarded_for, which Ollama's gin
-    access log prints as the client, so the logs source can tell the exporter's requests from users'."""
-    client = OllamaClient(config.ollama_url, config.ollama_timeout, config.ollama_max_models)
-    client.http.headers["X-Forwarded-For"] = config.probes_forwarded_for
-    return client
 
 
 def make_runner_source(config: Config) -> Optional[RunnerSource]:

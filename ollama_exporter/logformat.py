@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any
 
 LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn", logging.ERROR: "error",
           logging.CRITICAL: "error"}
@@ -145,4 +145,3 @@ def setup(level: str = "info", fmt: str = "logfmt", stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(PY_LEVELS[level])
-    logging.getLogger("asyncio").setLevel(logging.WARNING)

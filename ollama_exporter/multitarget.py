@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from ollama_exporter.config import Config, ConfigError, Module, parse_url, redact_url
 from ollama_exporter.exposition import render
-from ollama_exporter.ollama import OllamaClient
+from ollama_exporter.ollama import make_client
 from ollama_exporter.poller import Poller
 from ollama_exporter.prober import Prober
 from ollama_exporter.server import Request, Response
@@ -87,7 +87,6 @@ def deadline_seconds(module: Module, header: Optional[str]) -> float:
 @dataclass
 class _Target:
     poller: Poller
-    prober: Optional[Prober]
     stop: threading.Event
     lock: threading.Lock
 
@@ -154,16 +153,15 @@ class MultiTarget:
                 self._targets.move_to_end(key)
                 return target
             config = self.config
-            client = OllamaClient(url, max(0.05, seconds - 0.2), config.ollama_max_models)
-            client.http.headers["X-Forwarded-For"] = config.probes_forwarded_for  # not user traffic
+            client = make_client(config, url, max(0.05, seconds - 0.2))  # marked as not user traffic
             poller = Poller(client, config.poll_interval, forget_after=config.poll_forget_after)
             poller.sources = module.sources
-            stop, prober = threading.Event(), None
+            stop = threading.Event()
             if module.probes and config.probes_enabled:
                 prober = Prober(client, config, lambda p=poller: p.snapshot)
                 poller.probe_stats = prober.stats
                 threading.Thread(target=prober.run, args=(stop,), name="probe-target", daemon=True).start()
-            target = self._targets[key] = _Target(poller, prober, stop, threading.Lock())
+            target = self._targets[key] = _Target(poller, stop, threading.Lock())
             self._trim()
             return target
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
 
 from ollama_exporter import __version__
-from ollama_exporter.config import redact_url
+from ollama_exporter.config import Config, redact_url
 from ollama_exporter.httpclient import HttpClient, HttpError, StatusError
 from ollama_exporter.snapshot import InstalledModel, LoadedModel, ModelDetails, ShowInfo, SourceError
 
@@ -205,6 +205,16 @@ class OllamaClient:
         result = Rows(rows, dropped)
         self._last[path] = _LastAnswer(raw, Rows(rows, dropped), parsed)
         return result
+
+
+def make_client(config: Config, url: Optional[str] = None, timeout: Optional[float] = None) -> OllamaClient:
+    """The exporter's client for `url` (default ollama.url): every request carries X-Forwarded-For
+    probes.forwarded_for, which Ollama's gin access log prints as the client, so the logs source can tell
+    the exporter's requests from users'."""
+    client = OllamaClient(url or config.ollama_url, config.ollama_timeout if timeout is None else timeout,
+                          config.ollama_max_models)
+    client.http.headers["X-Forwarded-For"] = config.probes_forwarded_for
+    return client
 
 
 @dataclass(frozen=True)

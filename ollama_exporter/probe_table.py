@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from ollama_exporter.config import Config
+from ollama_exporter.ollama import make_client
 from ollama_exporter.poller import Poller
 from ollama_exporter.prober import MIN_VERSION, ProbeResult, Prober, parse_version, targets
 
@@ -46,9 +47,7 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 def run_probe_command(config: Config, models: tuple[str, ...], count: int, echo: Callable[[str], None]) -> int:
     """Probe and print; returns the exit status (0 all ok, 1 a probe failed or Ollama is unreachable)."""
-    from ollama_exporter.daemon import make_client  # marks its requests as the exporter's own, like the daemon's
-
-    client = make_client(config)
+    client = make_client(config)  # marks its requests as the exporter's own, like the daemon's
     poller = Poller(client, config.poll_interval)
     poller.settle_shows = True
     snapshot = poller.poll_once()
