@@ -158,7 +158,7 @@ class MultiTarget:
             poller.sources = module.sources
             stop = threading.Event()
             if module.probes and config.probes_enabled:
-                prober = Prober(client, config, lambda p=poller: p.snapshot)
+                prober = Prober(client, config, lambda p=poller: p.snapshot, shows="show" in module.sources)
                 poller.probe_stats = prober.stats
                 threading.Thread(target=prober.run, args=(stop,), name="probe-target", daemon=True).start()
             target = self._targets[key] = _Target(poller, stop, threading.Lock())

@@ -276,7 +276,7 @@ class Target:
     kind: Optional[str]  # kind_of(): generate, embed, or None for neither
     row: Optional[LoadedModel]  # its /api/ps row; None when it is not resident
     installed: bool
-    train: Optional[int] = None  # training context, from /api/show
+    train: Optional[int] = None  # training context from /api/show; None: not answered yet, 0: it has none
     remote: bool = False  # a cloud model: a probe would be a request to another server
 
     def refusal(self, allow_cold_load: bool) -> str:
@@ -299,7 +299,7 @@ def targets(snapshot: Snapshot, models: tuple[str, ...]) -> list[Target]:
     for name in [normalise_name(n) for n in models] or list(loaded):
         row = loaded.get(name)
         model = installed.get(name) or (by_digest.get(row.digest) if row else None)
-        train = model.show.context_length if model is not None and model.show is not None else None
+        train = (model.show.context_length or 0) if model is not None and model.show is not None else None
         remote = (row is not None and row.remote) or (model is not None and model.is_remote)
         result.append(Target(name, kind_of(model), row, name in installed, train, remote))
     return result
@@ -382,8 +382,9 @@ class _Workers:
 
 class Prober:
     def __init__(self, client: OllamaClient, config: Config, latest: Callable[[], Snapshot],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, shows: bool = True):
         self.client = client
+        self.shows = shows  # /api/show is read for these models, so a training context not known yet will be
         self.latest = latest
         self.clock = clock
         self.settle_tries, self.settle_delay = SETTLE_TRIES, SETTLE_DELAY
@@ -470,7 +471,7 @@ class Prober:
             if t.row is not None:
                 self._observe(state, t.row, now, since, first)
             reason = t.refusal(self.config.probes_allow_cold_load) or self._gate(t.row, state, now)
-            if not reason and t.row is not None and t.row.context_length and t.train is None \
+            if not reason and self.shows and t.row is not None and t.row.context_length and t.train is None \
                     and needs_training_context(version, t.kind or "generate"):
                 reason = "wait"  # /api/show has not answered yet (it runs in the background): next poll
             if reason == "wait":

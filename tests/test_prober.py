@@ -238,6 +238,33 @@ def test_v0_24_no_probe_before_the_training_context_is_known(fake):
     assert not inference_requests_from_probes(fake) and not [e for e in fake.events if e.kind == "reload"]
 
 
+def test_v0_24_a_model_whose_show_has_no_training_context_is_still_probed(fake):
+    """Waiting is for an /api/show that has not answered yet; one that answered without
+    `<arch>.context_length` will never say more, and the model was left unprobed for good."""
+    fake.version, fake.vram_gib = PROFILES["0.15.5-0.24"], 48
+    fake.add_model("qwen3:8b", context_length=0)  # /api/show: `qwen3.context_length` 0, unusable
+    user(fake, "qwen3:8b", keep_alive=-1)
+    poller, prober, clock = make(fake)
+    probe_round(poller, prober, clock)
+    assert [r.ok for r in probe_round(poller, prober, clock)] == [True]
+
+
+def test_a_target_whose_module_reads_no_show_is_probed_without_waiting_for_one(fake):
+    """A multi-target module without the `show` source never learns a training context: waiting for it
+    left every model unprobed. It is probed with the ps value, as where ps is not clamped."""
+    fake.version, fake.vram_gib = PROFILES["0.15.5-0.24"], 48
+    fake.add_model("qwen3:8b", context_length=40960)
+    user(fake, "qwen3:8b", keep_alive=-1, num_ctx=8192)  # below the training context: nothing clamped
+    poller, prober, clock = make(fake, start=False)
+    poller.sources = ("version", "ps", "tags")
+    prober.shows = False
+    poller.poll_once()
+    prober.tick()
+    probe_round(poller, prober, clock)
+    assert [r.ok for r in probe_round(poller, prober, clock)] == [True]
+    assert not [e for e in fake.events if e.kind == "reload"]
+
+
 def inference_requests_from_probes(fake):
     return [r for r in inference_requests(fake) if r.headers.get("X-Forwarded-For")]
 
