@@ -2,9 +2,10 @@
 
 The container image's HEALTHCHECK runs this, because the image has no curl. Without a URL it asks
 `http://127.0.0.1:<port>/-/healthy`, the port taken from OLLAMA_EXPORTER_WEB_LISTEN_ADDRESS (default
-:9778; the first of a comma-separated list), so moving the port with that variable moves the check too. Pass a URL for anything else (an
-`https://` listener, a port set with the flag). A 401 counts as alive: with basic auth on, every path asks
-for credentials, and a liveness check only needs to know that the process answers. The certificate of an
+:9778; the first of a comma-separated list), so moving the port with that variable moves the check
+too. Pass a URL for anything else (an `https://` listener, a port set with the flag). A 401 counts as
+alive: with basic auth on, every path asks for credentials, and a liveness check only needs to know
+that the process answers. The certificate of an
 https URL is not verified: this is a loopback liveness check, not a trust decision. Exit status 1 (what
 Docker and Podman read as unhealthy) comes with one line saying why.
 """
@@ -18,10 +19,10 @@ import urllib.error
 import urllib.request
 from typing import Optional, Sequence
 
-from ollama_exporter.config import ConfigError, parse_listen_address
+from ollama_exporter.config import KEYS_BY_NAME, Config, ConfigError, env_name, parse_listen_address
 
-ENV_LISTEN_ADDRESS = "OLLAMA_EXPORTER_WEB_LISTEN_ADDRESS"
-DEFAULT_LISTEN_ADDRESS = ":9778"
+ENV_LISTEN_ADDRESS = env_name(KEYS_BY_NAME["web.listen_address"])
+DEFAULT_LISTEN_ADDRESS = Config.web_listen_address[0]
 TIMEOUT_SECONDS = 4.0  # under the image's HEALTHCHECK --timeout, so the reason gets printed
 WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 

@@ -25,7 +25,6 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -58,13 +57,11 @@ class QuietCollector:
         self.full_every = full_every
         self.clock = clock
         self._last_full = clock()
-        self._lock = threading.Lock()  # polls of several targets may end at once
 
     def after_poll(self) -> None:
         """Call when a poll has published: what it built is long-lived now."""
-        with self._lock:
-            if self.clock() - self._last_full >= self.full_every:
-                gc.unfreeze()
-                gc.collect()
-                self._last_full = self.clock()
-            gc.freeze()
+        if self.clock() - self._last_full >= self.full_every:
+            gc.unfreeze()
+            gc.collect()
+            self._last_full = self.clock()
+        gc.freeze()

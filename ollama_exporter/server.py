@@ -99,8 +99,6 @@ class Request:
     query: Mapping[str, list[str]]
     headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
     version: str
-    peer: Any = None
-    peer_cert: Optional[dict] = None
 
 
 @dataclass
@@ -145,7 +143,6 @@ class Server:
         self.auth_pool = ThreadPoolExecutor(1, thread_name_prefix="http-auth")
         self.work_pool = ThreadPoolExecutor(64, thread_name_prefix="http-work")
         self._thread: Optional[threading.Thread] = None
-        self._accepting = False
         self._running = False
         # One epoll for the listeners and every connection, with a callback per descriptor: registering,
         # forgetting and dispatching a connection costs a system call and a dict entry.
@@ -157,16 +154,12 @@ class Server:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
-        self._heads: dict[tuple, tuple] = {}  # (variant, close, web config) -> (its Body, response head)
+        self._heads: dict[tuple, tuple] = {}  # (content type, gzipped, close, id(web)) -> (Body, web, head)
         # Request heads parsed, by their bytes: a scraper sends the same head every time
         self.parsed: dict[bytes, tuple] = {}
         # Connections may use at most half the descriptors the process may open, so a flood meets our cap
         # (which closes idle connections to make room) long before accept() fails for lack of descriptors.
         self.fd_budget = max(8, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
-
-    @property
-    def addresses(self) -> list[tuple]:
-        return [s.getsockname() for s in self.sockets]
 
     def start(self) -> None:
         self.watch(self._wake_read, select.EPOLLIN, self._woken)
@@ -174,7 +167,7 @@ class Server:
             sock.setblocking(False)
             self._listen(sock)
         self.call_later(SWEEP_INTERVAL, self._sweep)
-        self._accepting = self._running = True
+        self._running = True
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._thread.start()
 
@@ -183,7 +176,7 @@ class Server:
             return
 
         def close() -> None:
-            self._accepting = self._running = False
+            self._running = False
             for sock in self.sockets:
                 self.handlers.pop(sock.fileno(), None)
                 sock.close()
@@ -260,7 +253,7 @@ class Server:
         now = time.monotonic()
         for conn in [c for c in self.connections if c.deadline <= now]:
             conn.close()
-        if self._accepting:
+        if self._running:
             self.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _listen(self, listener: socket.socket) -> None:
@@ -273,7 +266,7 @@ class Server:
         inet = family in (socket.AF_INET, socket.AF_INET6)
         for _ in range(ACCEPT_BATCH):
             try:
-                fd, peer = listener._accept()  # noqa: SLF001 - socket.accept() without its enum conversions
+                fd, _ = listener._accept()  # noqa: SLF001 - socket.accept() without its enum conversions
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -284,10 +277,10 @@ class Server:
                     self.call_later(1.0, self._resume_accepting, listener, family)
                     return
                 continue  # ECONNABORTED and the like: that client is already gone
-            _Connection(self, socket.socket(family, socket.SOCK_STREAM, 0, fd), peer, inet)
+            _Connection(self, socket.socket(family, socket.SOCK_STREAM, 0, fd), inet)
 
     def _resume_accepting(self, listener: socket.socket, family: int) -> None:
-        if self._accepting:
+        if self._running:
             self._listen(listener)
 
     def admit(self, conn: "_Connection") -> None:
@@ -347,22 +340,20 @@ class _Connection:
     the kernel as fast as the client reads them (its send buffer is bounded), never copied.
     """
 
-    __slots__ = ("server", "sock", "fd", "peer", "web", "buffer", "idle", "busy", "close_after", "_out",
-                 "_writing", "deadline", "_peer_cert", "_closed", "_between", "_tls",
+    __slots__ = ("server", "sock", "fd", "web", "buffer", "busy", "close_after", "_out",
+                 "_writing", "deadline", "_closed", "_between", "_tls",
                  "_handshaking", "_sndbuf", "_reading")
 
-    def __init__(self, server: Server, sock: socket.socket, peer: Any, inet: bool = True):
-        self.server, self.sock, self.peer = server, sock, peer
+    def __init__(self, server: Server, sock: socket.socket, inet: bool = True):
+        self.server, self.sock = server, sock
         self.fd = sock.fileno()
         self.web = server.app.web  # as at accept time: TLS or not, for the whole connection
         self.buffer = bytearray()
-        self.idle = True  # no request in progress (for the eviction policy)
         self.busy = False  # a request is being answered; later bytes wait in the buffer
         self.close_after = False
         self._out: deque = deque()  # what is still to be sent: views of the head and the shared body
         self._writing = False  # waiting for the socket to become writable
         self.deadline = math.inf  # loop time when Server._sweep closes it, unless it moved on
-        self._peer_cert: Optional[dict] = None
         self._closed = False
         self._between = False  # waiting for another request on a kept-alive connection
         self._tls = self._handshaking = False
@@ -374,7 +365,7 @@ class _Connection:
         if inet:  # a pipelined second answer must not wait for the client's delayed ACK of the first
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         server.admit(self)
-        tls = self.web is not None and getattr(self.web, "tls", False)
+        tls = self.web is not None and self.web.tls
         # for the TLS handshake (if any) and the first request's head
         self._deadline(min(HEAD_TIMEOUT, TLS_HANDSHAKE_TIMEOUT) if tls else HEAD_TIMEOUT)
         if tls:
@@ -414,8 +405,12 @@ class _Connection:
             log.debug("client certificate refused", extra={"error": str(exc)})
             self.close()
             return
-        self._peer_cert = self.sock.getpeercert()
         self._readable()  # the first request may have come with the handshake's last flight
+
+    @property
+    def idle(self) -> bool:
+        """No request in progress nor arriving (for the eviction policy)."""
+        return not self.busy and not self.buffer
 
     def close(self) -> None:
         """Drop the connection now: with a reset, so the kernel does not go on sending what is unread."""
@@ -478,7 +473,6 @@ class _Connection:
         if self._between:  # the next request's head starts now: its deadline runs from this byte
             self._between = False
             self._deadline(HEAD_TIMEOUT)
-        self.idle = False
         self.buffer += data
         if len(self.buffer) > MAX_HEAD + MAX_BODY:
             self._fail(431, "request too large") if not self.busy else self.close()
@@ -509,7 +503,7 @@ class _Connection:
                 self.server.parsed.clear()  # a client inventing heads only makes this a cache that misses
             self.server.parsed[head] = parsed
         method, path, query, headers, version, body_length = parsed
-        request = Request(method, path, query, headers, version, self.peer, self._peer_cert)
+        request = Request(method, path, query, headers, version)
         if body_length > MAX_BODY:
             self._fail(413, "request body too large")
             return
@@ -565,7 +559,7 @@ class _Connection:
         if path == config.web_telemetry_path and get_like:
             body = app.exposition.get(request.headers.get("accept", ""), request.headers.get("accept-encoding", ""))
             self._send(self.server.metrics_head(body, self.close_after), body.data, request.method != "HEAD",
-                       getattr(body, "file", None))
+                       body.file)
         elif path == "/probe" and get_like:
             self._offload(request, app.probe)
         elif path == "/" and get_like:
@@ -702,7 +696,6 @@ class _Connection:
             self._lost()
             return
         self.busy = False
-        self.idle = not self.buffer
         if self.buffer:  # a pipelined request: it has been arriving under the previous deadlines
             self._deadline(HEAD_TIMEOUT)
             self._next()
@@ -773,7 +766,7 @@ def _parse(head: bytes) -> tuple:
 def _head(response: Response, close: bool, web: Any) -> bytes:
     lines = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'OK')}",
              f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}"]
-    for name, value in {**getattr(web, "headers", {}), **response.headers}.items():
+    for name, value in {**(web.headers if web is not None else {}), **response.headers}.items():
         lines.append(f"{name}: {value}")
     if close:
         lines.append("Connection: close")
