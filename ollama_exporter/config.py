@@ -27,7 +27,7 @@ import yaml
 DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("logfmt", "json")
-API_SOURCES = ("version", "ps", "tags", "show")
+API_SOURCES = ("version", "ps", "tags", "show")  # Ollama's endpoints; "show" covers every /api/show call
 ENV_PREFIX = "OLLAMA_EXPORTER_"
 MAX_FILE_BYTES = 1024 * 1024  # a config file is a few hundred bytes; refuse to read a runaway one
 MAX_YAML_VALUES = 100_000  # values in one file with its aliases expanded (a real one has a few dozen)

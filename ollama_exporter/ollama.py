@@ -34,7 +34,8 @@ ROW_BYTES = 2048
 # Most JSON values (objects, arrays, members and elements) parsed from one answer, counted before parsing:
 # the byte cap alone let 9 MB of `{"models":[{},{},...]}` become 3 million dicts (230 MB, 15 s of CPU).
 # Real /api/ps and /api/tags rows hold at most 17 (captured answers); /api/show with tensors ~2 300.
-MAX_VALUES = {"/api/version": 1000, "/api/show": 200_000, "/api/embed": 200_000}
+DEFAULT_MAX_VALUES = 200_000  # JSON values in one answer (strings, numbers, containers) before it is refused
+MAX_VALUES = {"/api/version": 1000, "/api/show": DEFAULT_MAX_VALUES, "/api/embed": DEFAULT_MAX_VALUES}
 ROW_VALUES = 32
 MAX_STREAM_BYTES = 16 << 20  # a probe's whole /api/generate stream
 MAX_LINE_BYTES = 1 << 20  # one NDJSON line of it
@@ -155,7 +156,7 @@ class OllamaClient:
     def _max_values(self, path: str) -> int:
         if path in ("/api/ps", "/api/tags"):
             return 1024 + self.max_models * ROW_VALUES
-        return MAX_VALUES.get(path, 200_000)
+        return MAX_VALUES.get(path, DEFAULT_MAX_VALUES)
 
     def _errors(self, path: str):
         return _translate(path, self.shown_url)
@@ -265,11 +266,11 @@ def _json_body(payload: dict) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def _reject_constant(name: str) -> Any:
+def reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json(path: str, data: bytes, max_values: int = 200_000) -> Any:
+def _json(path: str, data: bytes, max_values: int = DEFAULT_MAX_VALUES) -> Any:
     """Strict JSON: no NaN or Infinity, no integer too long to parse, no nesting deep enough to recurse out,
     and no more than about `max_values` values (every value but the first in an array or object follows
     a comma, so commas plus brackets bound them; commas inside strings only make the count cautious)."""
@@ -277,7 +278,7 @@ def _json(path: str, data: bytes, max_values: int = 200_000) -> Any:
     if values > max_values:
         raise OllamaError("invalid_response", f"{path}: answer holds more than {max_values} JSON values")
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        return json.loads(data, parse_constant=reject_constant)
     except (ValueError, RecursionError) as exc:
         reason = str(exc)[:60] if isinstance(exc, ValueError) else "nested too deeply"
         raise OllamaError("invalid_response", f"{path}: answer is not valid JSON ({reason}): {data[:60]!r}") from None

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional
 
 from ollama_exporter import runners
+from ollama_exporter.config import API_SOURCES
 from ollama_exporter.gpu import GpuSource
 from ollama_exporter.logfollow import LogFollower
 from ollama_exporter.ollama import DROP_REASONS, OllamaClient, Rows
@@ -46,7 +47,6 @@ from ollama_exporter.snapshot import (
 
 log = logging.getLogger(__name__)
 
-API_SOURCES = ("version", "ps", "tags", "show")  # Ollama's endpoints; "show" covers every /api/show call
 SOURCES = API_SOURCES + ("gpu", "runners")
 SHOW_CONCURRENCY = 4
 STALL_GRACE = 30.0  # seconds beyond 3 intervals and a timeout before a loop that publishes nothing is stalled

@@ -22,12 +22,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from ollama_exporter import __version__, runners
+from ollama_exporter import runners
 from ollama_exporter.httpclient import HttpClient, HttpError
+from ollama_exporter.ollama import USER_AGENT, reject_constant
 from ollama_exporter.snapshot import InstalledModel, LoadedModel
 
 MAX_BODY = 4 * 1024 * 1024
-USER_AGENT = f"ollama-exporter/{__version__}"
 # How long a request to a runner is left to answer after its poll gave up on it. Until then it counts as
 # in flight and the runner is not asked again: a runner that is slow to answer (a long prefill holds its
 # loop) never sees a pile of abandoned requests.
@@ -90,16 +90,11 @@ def get_json(port: int, path: str, timeout: float, host: str = "127.0.0.1") -> t
     try:
         answer = client.request("GET", path, timeout=timeout, max_bytes=MAX_BODY)
     except HttpError as exc:
-        reason = exc.reason if exc.reason in ("timeout", "connection") else "invalid_response"
-        raise RunnerError(reason, f"port {port}: {exc}") from None
+        raise RunnerError(exc.reason, f"port {port}: {exc}") from None
     try:
-        return answer.status, json.loads(answer.body, parse_constant=_not_json) if answer.body else None
+        return answer.status, json.loads(answer.body, parse_constant=reject_constant) if answer.body else None
     except (ValueError, RecursionError):  # not JSON, NaN, or nested too deeply to parse
         return answer.status, None
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 @dataclass
