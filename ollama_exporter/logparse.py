@@ -159,7 +159,7 @@ Result = Union[Event, str]  # an event, IGNORED or MALFORMED
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _GIN = re.compile(
     r"\[GIN\] \d{4}/\d\d/\d\d - \d\d:\d\d:\d\d \| *(\d{1,3}) *\| *([0-9][0-9a-zµμ.]*) \| *([^ |]*) \| *([A-Z]+) +\"")
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?)(ns|us|µs|μs|ms|h|m|s)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|h|m|s)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _MSG = re.compile(r'\bmsg=(?:"((?:[^"\\]|\\.)*)"|(\S+))')
 _ATTR = r'\b{}=(?:"((?:[^"\\]|\\.)*)"|(\S+))'
@@ -182,7 +182,7 @@ _LOAD_STARTS = ("starting llama-server", "starting runner", "starting llama serv
 
 
 def parse_go_duration(text: str) -> Optional[float]:
-    """Go's Duration.String() (``82.985212ms``, ``33.313µs``, ``5m14s``, ``0s``) in seconds; None if not one."""
+    """An unsigned Go duration (``82.985212ms``, ``33.313µs``, ``5m14s``, ``.5s``) in seconds; None if not one."""
     parts = _DURATION_PART.findall(text)
     if not parts or sum(len(n) + len(u) for n, u in parts) != len(text):
         return None

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator, Optional
 
 from ollama_exporter.config import ConfigError
@@ -78,33 +78,32 @@ TLS13_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA2
 
 CURVES = {"CurveP256": "prime256v1", "CurveP384": "secp384r1", "CurveP521": "secp521r1", "X25519": "X25519"}
 
-KEYS = ("cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type", "client_ca_file",
-        "cipher_suites", "curve_preferences", "min_version", "max_version", "prefer_server_cipher_suites",
-        "client_allowed_sans")
-
-
 @dataclass(frozen=True)
 class TLSSettings:
-    """A validated tls_server_config; file paths already joined to the config file's directory."""
+    """A validated tls_server_config; file paths already joined to the config file's directory. Its fields
+    are the toolkit's keys, in the toolkit's order (KEYS)."""
 
-    cert_file: str = ""
     cert: str = ""
-    key_file: str = ""
     key: str = field(default="", repr=False)
-    client_ca_file: str = ""
     client_ca: str = ""
+    cert_file: str = ""
+    key_file: str = ""
     client_auth_type: str = "NoClientCert"
-    client_allowed_sans: tuple[str, ...] = ()
+    client_ca_file: str = ""
+    cipher_suites: tuple[str, ...] = ()
+    curve_preferences: tuple[str, ...] = ()
     min_version: str = "TLS12"
     max_version: str = "TLS13"
-    cipher_suites: tuple[str, ...] = ()
     prefer_server_cipher_suites: bool = True
-    curve_preferences: tuple[str, ...] = ()
+    client_allowed_sans: tuple[str, ...] = ()
 
     @property
     def files(self) -> tuple[str, ...]:
         """The files a rotation may replace."""
         return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
+
+
+KEYS = tuple(f.name for f in fields(TLSSettings))
 
 
 def parse_tls_settings(where: str, data: dict, base_dir: str) -> Optional[TLSSettings]:

@@ -39,7 +39,6 @@ The interface a server uses:
 from __future__ import annotations
 
 import os
-import re
 import ssl
 import threading
 import time
@@ -48,6 +47,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from ollama_exporter import logparse
 from ollama_exporter.basic_auth import BasicAuth, hash_problem
 from ollama_exporter.config import ConfigError, load_yaml
 from ollama_exporter.tls_server import KEYS as TLS_KEYS
@@ -93,7 +93,6 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class WebConfig:
-    path: str = ""
     tls_settings: Optional[TLSSettings] = None
     headers: Mapping[str, str] = field(default_factory=dict)
     auth: Optional[BasicAuth] = None
@@ -112,19 +111,16 @@ class WebConfig:
 
     def verify_peer(self, ssl_object: Any) -> None:
         """After the handshake (ssl_object: SSLObject or SSLSocket): ValueError if the client must go."""
-        problem = client_cert_problem(self.tls_settings.client_allowed_sans if self.tls_settings else (),
-                                      ssl_object.getpeercert())
+        if not self.tls_settings or not self.tls_settings.client_allowed_sans:
+            return  # any client the handshake let in may stay: no certificate to read
+        problem = client_cert_problem(self.tls_settings.client_allowed_sans, ssl_object.getpeercert())
         if problem:
             raise ValueError(problem)
 
 
-def _where(path: str) -> str:
-    return f"web config file {path}"
-
-
 def load_web_config(path: str) -> WebConfig:
     """Read and validate a web config file; every problem is a ConfigError naming the file and key."""
-    where = _where(path)
+    where = f"web config file {path}"
     # a regular file of bounded size, UTF-8, nesting and aliases bounded: a FIFO here used to hang
     data = load_yaml(path, "web config file", _StrictLoader)
     data = {} if data is None else data
@@ -153,7 +149,7 @@ def load_web_config(path: str) -> WebConfig:
     base_dir = os.path.dirname(os.path.abspath(path))
     tls = parse_tls_settings(where, sections.get("tls_server_config", {}), base_dir)
     context = server_context(where, tls) if tls else None  # reads the files: every problem shows now
-    return WebConfig(path=path, tls_settings=tls, headers=headers, auth=auth, rate_limit=rate_limit, context=context)
+    return WebConfig(tls_settings=tls, headers=headers, auth=auth, rate_limit=rate_limit, context=context)
 
 
 def _headers(where: str, value: Any) -> dict[str, str]:
@@ -200,10 +196,6 @@ def _auth(where: str, users: dict) -> Optional[BasicAuth]:
     return BasicAuth(hashes) if hashes else None
 
 
-_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_go_duration(value: Any) -> Optional[float]:
     """Go's time.ParseDuration ("1s", "1m30s", "250ms", "0") or a YAML integer of nanoseconds, in
     seconds; None if it is neither."""
@@ -215,11 +207,8 @@ def parse_go_duration(value: Any) -> Optional[float]:
     if text in ("0", "+0", "-0"):
         return 0.0
     sign = -1.0 if text.startswith("-") else 1.0
-    text = text.lstrip("+-")
-    parts = _GO_DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        return None
-    return sign * sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
+    seconds = logparse.parse_go_duration(text[1:] if text[:1] in "+-" else text)
+    return None if seconds is None else sign * seconds
 
 
 def _rate_limit(where: str, section: dict) -> Optional[RateLimit]:
