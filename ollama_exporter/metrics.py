@@ -9,7 +9,7 @@ A family here is plain data (label values and numbers); exposition.py turns fami
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from ollama_exporter import __version__
 from ollama_exporter.snapshot import HistogramValue, Snapshot
@@ -292,21 +292,23 @@ class Sections:
         self._probes: dict[str, tuple[object, list[tuple[str, tuple]]]] = {}  # model -> (stats, its rows)
 
     def get(self, name: str, inputs: tuple, build: Callable[[], Iterable[Family]]) -> list[Family]:
-        last = self._last.get(name)
-        if last is None or (last[0] is not inputs and last[0] != inputs):
-            last = self._last[name] = (inputs, list(build()))
-        return last[1]
+        return _reused(self._last, name, inputs, lambda: list(build()))
 
     def probe_rows(self, model: str, stats, build: Callable[[], list]) -> list[tuple[str, tuple]]:
-        last = self._probes.get(model)
-        if last is None or (last[0] is not stats and last[0] != stats):
-            last = self._probes[model] = (stats, build())
-        return last[1]
+        return _reused(self._probes, model, stats, build)
 
     def forget_probes(self, keep: Iterable[str]) -> None:
         keep = set(keep)
         for model in [m for m in self._probes if m not in keep]:
             del self._probes[model]
+
+
+def _reused(store: dict, key: str, inputs: object, build: Callable[[], Any]) -> Any:
+    """What `build` made for `key` last time, while `inputs` is the same object or equal; else build anew."""
+    last = store.get(key)
+    if last is None or (last[0] is not inputs and last[0] != inputs):
+        last = store[key] = (inputs, build())
+    return last[1]
 
 
 def collect(snapshot: Snapshot, sections: Optional[Sections] = None) -> Iterator[Family]:
