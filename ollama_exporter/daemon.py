@@ -150,7 +150,7 @@ class Daemon:
         self.prober: Optional[Prober] = None
         self._prober_stop: Optional[threading.Event] = None
         self.server: Optional[Server] = None
-        self.targets = MultiTarget(config, lambda accept: render(self.exposition.snapshot, accept))
+        self.targets = MultiTarget(config, self.exposition.alone)
         self._poll_thread: Optional[threading.Thread] = None
 
     # --- start and stop ---

@@ -392,6 +392,7 @@ class Exposition:
         self._bodies: dict[tuple[str, bool], Body] = {}
         self._negotiated: dict[tuple[str, str], tuple[str, bool]] = {}  # (Accept, Accept-Encoding) -> variant
         self._current = Snapshot.empty()
+        self._alone: dict[str, tuple[Snapshot, tuple[bytes, str]]] = {}  # format -> (snapshot, alone())
         self._families: list[Family] = []  # of the last snapshot that could be collected
         self.healthy = True
         self.update(Snapshot.empty())  # until the first poll: ollama_up 0 and the exporter's own metrics
@@ -448,6 +449,15 @@ class Exposition:
         else:
             body += tail
         return Body(body, CONTENT_TYPES[fmt], gzipped, BodyFile.of(body) if wanted else None)
+
+    def alone(self, accept: str = "") -> tuple[bytes, str]:
+        """The latest snapshot encoded alone (render(): no runtime metrics), as /probe answers for the local
+        Ollama: once per snapshot and format, not once per scrape."""
+        snapshot, fmt = self._current, negotiate(accept)
+        cached = self._alone.get(fmt)
+        if cached is None or cached[0] is not snapshot:
+            cached = self._alone[fmt] = (snapshot, render(snapshot, accept))
+        return cached[1]
 
     def get(self, accept: str = "", accept_encoding: str = "") -> Body:
         """The body for a scrape. A variant asked for the first time is rendered in the background and

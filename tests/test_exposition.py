@@ -27,6 +27,7 @@ from ollama_exporter.exposition import (
     gzip_accepted,
     gzip_member,
     negotiate,
+    render,
 )
 from ollama_exporter.metrics import DEFS, Def, Family, collect
 from ollama_exporter.snapshot import HistogramValue
@@ -327,3 +328,19 @@ def test_a_family_that_starts_empty_still_compresses_as_well_as_whole():
     body, _ = writer.render([family], OPENMETRICS, gzipped=True)
     plain, _ = writer.render([family], OPENMETRICS, gzipped=False)
     assert len(body) < 1.2 * len(zlib.compress(plain, 6))
+
+
+def test_the_local_target_is_encoded_once_per_snapshot_and_format(monkeypatch):
+    """/probe for the exporter's own Ollama answers render() of the latest snapshot; a scrape must not
+    pay for collecting and encoding it again while the snapshot is the same."""
+    exp = Exposition(runtime_metrics=False)
+    snap = rich_snapshot()
+    exp.update(snap)
+    calls = []
+    monkeypatch.setattr(exposition, "render", lambda s, accept="": calls.append(s) or render(s, accept))
+    om = "application/openmetrics-text; version=1.0.0"
+    first = exp.alone(om)
+    assert exp.alone(om) == first == render(snap, om) and exp.alone("") == render(snap, "")
+    assert len(calls) == 2  # one per format
+    exp.update(replace(snap, timestamp=snap.timestamp + 5))
+    assert exp.alone(om) != first and len(calls) == 3
