@@ -229,7 +229,7 @@ class Writer:
         if fmt == OPENMETRICS:
             if d.kind == "counter":
                 name = name[:-6]
-            help_text = d.help.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+            help_text = _escape(d.help)  # OpenMetrics escapes quotes in HELP too
         else:
             help_text = d.help.replace("\\", "\\\\").replace("\n", "\\n")
         return f"# HELP {name} {help_text}\n# TYPE {name} {d.kind}\n"
@@ -428,9 +428,11 @@ class Exposition:
             prepared += self._writer.prepare([failures])[0]
             families = [*self._families, failures]
             runtime = _Collected(self._registry) if self.runtime_metrics else None
-            tails = {fmt: _runtime(runtime, fmt) + (b"# EOF\n" if fmt == OPENMETRICS else b"")
-                     for fmt in {fmt for fmt, _ in variants}}
-            bodies = {(fmt, gzipped): self._variant(prepared, fmt, gzipped, tails[fmt], (fmt, gzipped) in wanted)
+            formats = {fmt for fmt, _ in variants}
+            tails = {fmt: _runtime(runtime, fmt) + (b"# EOF\n" if fmt == OPENMETRICS else b"") for fmt in formats}
+            plains = {fmt: self._writer.encode(prepared, fmt, False) for fmt in formats}  # gzip needs it too
+            bodies = {(fmt, gzipped): self._variant(prepared, fmt, gzipped, plains[fmt], tails[fmt],
+                                                    (fmt, gzipped) in wanted)
                       for fmt, gzipped in variants}
         except Exception:  # noqa: BLE001 - keep serving the bodies of the last render
             self._writer.failures += 1
@@ -440,14 +442,13 @@ class Exposition:
         self._writer.forget({f.d.name for f in families})
         self._bodies, self.healthy = bodies, ok and collected
 
-    def _variant(self, prepared: list, fmt: str, gzipped: bool, tail: bytes, wanted: bool) -> Body:
-        body = self._writer.encode(prepared, fmt, gzipped)
+    def _variant(self, prepared: list, fmt: str, gzipped: bool, plain: bytes, tail: bytes, wanted: bool) -> Body:
         if gzipped:
-            plain = self._writer.encode(prepared, fmt, False)  # cached per family: costs a join
+            blocks = self._writer.encode(prepared, fmt, True)
             crc = zlib.crc32(tail, zlib.crc32(plain))
-            body = _gzip_member(body + _deflate_block(tail), crc, len(plain) + len(tail))
+            body = _gzip_member(blocks + _deflate_block(tail), crc, len(plain) + len(tail))
         else:
-            body += tail
+            body = plain + tail
         return Body(body, CONTENT_TYPES[fmt], gzipped, BodyFile.of(body) if wanted else None)
 
     def alone(self, accept: str = "") -> tuple[bytes, str]:
