@@ -165,9 +165,9 @@ class OllamaClient:
         """The model rows of /api/tags or /api/ps, reusing what did not change since the last answer.
 
         Polls mostly read the same answers again: the same bytes give back the same rows (a steady
-        /api/tags costs one bytes comparison, not a parse), and a row equal to the row of the same name
-        in the last answer reuses its parsed value (after a probe, only the probed model's row of
-        /api/ps differs). Reused values are the very objects of the last answer, so the snapshot's
+        /api/tags costs one bytes comparison, not a parse), and a row decoded exactly as the row of the
+        same name in the last answer reuses its parsed value (after a probe, only the probed model's row
+        of /api/ps differs). Reused values are the very objects of the last answer, so the snapshot's
         sections stay identical and the metrics of what did not change are not rendered again.
         """
         raw = self._body("GET", path)
@@ -187,8 +187,9 @@ class OllamaClient:
                 dropped["limit"] += 1
                 continue
             key = row.get("name") if isinstance(row, dict) else None
-            previous = before.get(key) if isinstance(key, str) else None
-            if previous is not None and _same_row(previous[0], row):
+            decoded = _decoded_as(row) if isinstance(key, str) else None
+            previous = before.get(key) if decoded is not None else None
+            if previous is not None and previous[0] == decoded:
                 model = previous[1]
             else:
                 try:
@@ -196,13 +197,14 @@ class OllamaClient:
                 except _BadRow:
                     dropped["invalid"] += 1
                     continue
+                previous = (decoded, model) if decoded is not None else None
             if model.name in seen:
                 dropped["duplicate"] += 1
                 continue
             seen.add(model.name)
             rows.append(model)
-            if isinstance(key, str):
-                parsed[key] = (row, model)
+            if previous is not None:
+                parsed[key] = previous
         result = Rows(rows, dropped)
         self._last[path] = _LastAnswer(raw, Rows(rows, dropped), parsed)
         return result
@@ -222,22 +224,17 @@ def make_client(config: Config, url: Optional[str] = None, timeout: Optional[flo
 class _LastAnswer:
     raw: bytes
     rows: Rows
-    parsed: dict  # row name -> (the row as decoded, what it was parsed into)
+    parsed: dict  # row name -> (_decoded_as(the row), what it was parsed into)
 
 
-def _same_row(before: dict, row: Any) -> bool:
-    """`row` parses exactly as `before` did: equal, with every value of the same type (Python has
-    1 == 1.0 == True, which the parsers tell apart)."""
-    return isinstance(row, dict) and before == row and _same_types(before, row)
-
-
-def _same_types(a: Any, b: Any) -> bool:
-    """Given a == b (dicts or lists), whether every value in them has the same type in both."""
-    for x, y in zip(a.values(), (b[key] for key in a)) if type(a) is dict else zip(a, b):
-        kind = type(x)
-        if kind is not type(y) or ((kind is dict or kind is list) and not _same_types(x, y)):
-            return False
-    return True
+def _decoded_as(row: Any) -> Optional[str]:
+    """What `row` was decoded to, exactly, as one string: repr() tells 1, 1.0 and True apart, which ==
+    does not (the parsers do). Kept per model instead of the decoded row, which is dozens of objects;
+    None for a row nested too deeply to write out (it is parsed every time)."""
+    try:
+        return repr(row)
+    except RecursionError:
+        return None
 
 
 class _translate:

@@ -227,6 +227,30 @@ def test_the_same_answer_gives_back_the_same_rows_and_a_changed_row_alone_is_par
     assert changed[1] is not first[1] and changed[1].size == 3000
 
 
+def test_what_is_kept_to_reuse_rows_is_a_string_per_model_not_the_decoded_row(up):
+    """The decoded row (two dicts, a list, their strings) was kept per model to tell it unchanged: at
+    2 000 models and during a burst of names, dozens of small objects each that outlive the poll."""
+    import hashlib
+    import tracemalloc
+
+    details = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+               "parameter_size": "8.0B", "quantization_level": "Q4_K_M"}
+    rows = [{"name": f"m{i}:q4", "model": f"m{i}:q4", "modified_at": "2026-01-01T00:00:00Z", "size": 4_920_753_328,
+             "digest": hashlib.sha256(b"%d" % i).hexdigest(), "details": details} for i in range(2000)]
+    up.reply("GET", "/api/tags", body=_tags(*rows))
+    ollama = OllamaClient(up.url, 5.0, max_models=2000)
+    ollama.tags()  # the connection and the client's own state, outside the measure
+    up.reply("GET", "/api/tags", body=_tags(*rows[::-1]))  # other bytes, the same rows
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        ollama.tags()
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert kept / 2000 < 700  # the answer's bytes (kept to tell the next one unchanged) and a dict entry
+
+
 @pytest.mark.parametrize("value", [True, 1.0, "1000"])
 def test_a_row_equal_in_python_but_not_in_json_is_parsed_again(up, value):
     """1 == 1.0 == True in Python: reusing the last row's parse on == alone would report a boolean size."""
