@@ -289,18 +289,27 @@ class Sections:
 
     def __init__(self) -> None:
         self._last: dict[str, tuple[tuple, list[Family]]] = {}
-        self._probes: dict[str, tuple[object, list[tuple[str, tuple]]]] = {}  # model -> (stats, its rows)
+        self._rows: dict[str, dict[str, tuple[object, list]]] = {}  # section -> model -> (its inputs, its rows)
 
     def get(self, name: str, inputs: tuple, build: Callable[[], Iterable[Family]]) -> list[Family]:
         return _reused(self._last, name, inputs, lambda: list(build()))
 
-    def probe_rows(self, model: str, stats, build: Callable[[], list]) -> list[tuple[str, tuple]]:
-        return _reused(self._probes, model, stats, build)
-
-    def forget_probes(self, keep: Iterable[str]) -> None:
-        keep = set(keep)
-        for model in [m for m in self._probes if m not in keep]:
-            del self._probes[model]
+    def model_rows(self, section: str, models: Iterable[tuple[str, object]],
+                   build: Callable[[str, Any], list]) -> list:
+        """The rows of every (model, inputs) in order, as build() makes them: family name, row, family
+        name, row... (flat: a pair each would be one more object per series). A model whose inputs did
+        not change keeps its rows from last time (the same objects: the writer then compares nothing,
+        and a changed section does not hold a second copy of every row while it is built); models no
+        longer listed are forgotten."""
+        last, kept, rows = self._rows.get(section, {}), {}, []
+        for model, inputs in models:
+            got = last.get(model)
+            if got is None or (got[0] is not inputs and got[0] != inputs):
+                got = (inputs, build(model, inputs))
+            kept[model] = got
+            rows += got[1]
+        self._rows[section] = kept
+        return rows
 
 
 def _reused(store: dict, key: str, inputs: object, build: Callable[[], Any]) -> Any:
@@ -316,10 +325,10 @@ def collect(snapshot: Snapshot, sections: Optional[Sections] = None) -> Iterator
     remembers those of an earlier snapshot."""
     s, memo = snapshot, sections or Sections()
     yield from _server(s)
-    yield from memo.get("installed", (s.installed,), lambda: _installed(s))
-    yield from memo.get("loaded", (s.loaded,), lambda: _loaded(s))
+    yield from memo.get("installed", (s.installed,), lambda: _installed(s, memo))
+    yield from memo.get("loaded", (s.loaded,), lambda: _loaded(s, memo))
     yield from memo.get("events", (s.loads_total, s.unloads_total, s.keep_alive_downgrades_total),
-                        lambda: _events(s))
+                        lambda: _events(s, memo))
     yield from _exporter(s)
     if s.gpu is not None:
         yield from memo.get("gpu", (s.gpu, s.model_gpu_memory, s.gpu_unattributed), lambda: _gpu(s))
@@ -339,48 +348,66 @@ def _server(s: Snapshot) -> Iterable[Family]:
     return up, build
 
 
-def _installed(s: Snapshot) -> Iterable[Family]:
-    info, size, ctx, params, caps = _families(
-        "ollama_model_info", "ollama_model_size_bytes", "ollama_model_context_length",
-        "ollama_model_parameters", "ollama_model_capability")
-    for m in s.installed:
-        show, d = m.show, m.merged_details
-        info.add((m.name, m.digest, d.family, d.parameter_size, d.quantization_level, d.format), 1.0)
-        if _opt(m.size):
-            size.add((m.name,), m.size)
-        if show is not None and _opt(show.context_length):
-            ctx.add((m.name,), show.context_length)
-        if show is not None and _opt(show.parameter_count):
-            params.add((m.name,), show.parameter_count)
-        for cap in sorted(set(m.merged_capabilities)):
-            caps.add((m.name, cap), 1.0)
-    return info, size, ctx, params, caps
+_INSTALLED = ("ollama_model_info", "ollama_model_size_bytes", "ollama_model_context_length",
+              "ollama_model_parameters", "ollama_model_capability")
+_LOADED = ("ollama_loaded_model_size_bytes", "ollama_loaded_model_vram_bytes",
+           "ollama_loaded_model_expiry_timestamp_seconds", "ollama_loaded_model_context_length")
+_EVENTS = ("ollama_model_loads_total", "ollama_model_unloads_total", "ollama_model_keep_alive_downgrades_total")
 
 
-def _loaded(s: Snapshot) -> Iterable[Family]:
-    size, vram, expiry, ctx = _families(
-        "ollama_loaded_model_size_bytes", "ollama_loaded_model_vram_bytes",
-        "ollama_loaded_model_expiry_timestamp_seconds", "ollama_loaded_model_context_length")
-    for m in s.loaded:
-        if _opt(m.size):
-            size.add((m.name,), m.size)
-        if _opt(m.size_vram):
-            vram.add((m.name,), m.size_vram)
-        if _opt(m.expires_at):
-            expiry.add((m.name,), m.expires_at)
-        if _opt(m.context_length):
-            ctx.add((m.name,), m.context_length)
-    return size, vram, expiry, ctx
+def _by_model(names: tuple[str, ...], flat: list) -> list[Family]:
+    """The families `names`, filled from Sections.model_rows: family name, row, family name, row..."""
+    f = dict(zip(names, _families(*names)))
+    pairs = iter(flat)
+    for name, row in zip(pairs, pairs):
+        f[name].rows.append(row)
+    return list(f.values())
 
 
-def _events(s: Snapshot) -> Iterable[Family]:
-    loads, unloads, downgrades = _families("ollama_model_loads_total", "ollama_model_unloads_total",
-                                           "ollama_model_keep_alive_downgrades_total")
-    for family, values in ((loads, s.loads_total), (unloads, s.unloads_total),
-                           (downgrades, s.keep_alive_downgrades_total)):
-        for name, value in sorted(values.items()):
-            family.add((name,), value)
-    return loads, unloads, downgrades
+def _installed(s: Snapshot, memo: Sections) -> list[Family]:
+    return _by_model(_INSTALLED, memo.model_rows("installed", ((m.name, m) for m in s.installed), _installed_rows))
+
+
+def _installed_rows(name: str, m) -> list:
+    show, d, n = m.show, m.merged_details, (name,)
+    rows = ["ollama_model_info", ((name, m.digest, d.family, d.parameter_size, d.quantization_level, d.format), 1.0)]
+    if _opt(m.size):
+        rows += ["ollama_model_size_bytes", (n, m.size)]
+    if show is not None and _opt(show.context_length):
+        rows += ["ollama_model_context_length", (n, show.context_length)]
+    if show is not None and _opt(show.parameter_count):
+        rows += ["ollama_model_parameters", (n, show.parameter_count)]
+    for cap in sorted(set(m.merged_capabilities)):
+        rows += ["ollama_model_capability", ((name, cap), 1.0)]
+    return rows
+
+
+def _loaded(s: Snapshot, memo: Sections) -> list[Family]:
+    return _by_model(_LOADED, memo.model_rows("loaded", ((m.name, m) for m in s.loaded), _loaded_rows))
+
+
+def _loaded_rows(name: str, m) -> list:
+    return _flat(_LOADED, (name,), (m.size, m.size_vram, m.expires_at, m.context_length))
+
+
+def _flat(families: tuple[str, ...], labels: tuple, values: tuple) -> list:
+    """family, (labels, value), ... for the values that are there."""
+    rows: list = []
+    for family, value in zip(families, values):
+        if value is not None:
+            rows += [family, (labels, value)]
+    return rows
+
+
+def _events(s: Snapshot, memo: Sections) -> list[Family]:
+    counts = (s.loads_total, s.unloads_total, s.keep_alive_downgrades_total)
+    names = sorted(set().union(*counts))
+    return _by_model(_EVENTS, memo.model_rows(
+        "events", ((name, tuple(c.get(name) for c in counts)) for name in names), _event_rows))
+
+
+def _event_rows(name: str, values: tuple) -> list:
+    return _flat(_EVENTS, (name,), values)
 
 
 def _exporter(s: Snapshot) -> Iterable[Family]:
@@ -470,18 +497,13 @@ _PROBE_FAMILIES = (
     "ollama_probe_keep_alive_restores_total", "ollama_probe_success", "ollama_probe_last_timestamp_seconds")
 
 
-def _probes(s: Snapshot, memo: Sections) -> Iterable[Family]:
+def _probes(s: Snapshot, memo: Sections) -> list[Family]:
     """The probe families, model by model; a model whose results did not change reuses its rows."""
-    f = dict(zip(_PROBE_FAMILIES, _families(*_PROBE_FAMILIES)))
-    for model, p in sorted(s.probes.items()):
-        for name, row in memo.probe_rows(model, p, lambda: _probe_rows(model, p)):
-            f[name].rows.append(row)
-    memo.forget_probes(s.probes)
-    return list(f.values())
+    return _by_model(_PROBE_FAMILIES, memo.model_rows("probes", sorted(s.probes.items()), _probe_rows))
 
 
-def _probe_rows(model: str, p) -> list[tuple[str, tuple]]:
-    """(family name, row) for one model's probe results (a prober.ModelProbeStats)."""
+def _probe_rows(model: str, p) -> list:
+    """family name, row, ... (see Sections.model_rows) for one model's probe results (a prober.ModelProbeStats)."""
     m, rows = (model,), []
     if p.probes:
         rows.append(("ollama_probe_duration_seconds", (m, p.duration)))
@@ -500,7 +522,7 @@ def _probe_rows(model: str, p) -> list[tuple[str, tuple]]:
     if p.last_success is not None:
         rows += [("ollama_probe_success", (m, 1.0 if p.last_success else 0.0)),
                  ("ollama_probe_last_timestamp_seconds", (m, p.last_timestamp))]
-    return rows
+    return [item for pair in rows for item in pair]
 
 
 # (metric, TrafficValue attribute) of the log's counters and histograms, each keyed by its label tuple

@@ -154,3 +154,28 @@ def test_families_parse_back_without_duplicates():
             key = (s.name, tuple(sorted(s.labels.items())))
             assert key not in seen, key
             seen.add(key)
+
+
+def test_a_changed_section_rebuilds_the_rows_of_the_models_that_changed_only():
+    """When one model of thousands changes (or names come and go), the installed, loaded and event
+    sections are built again; the other models keep their very row objects, so the writer compares
+    nothing for them and a burst does not hold two copies of every row while a section is rebuilt."""
+    from dataclasses import replace
+
+    def rows_by_model(families):
+        return {(f.d.name, row[0][0]): row for f in families for row in f.rows if row[0]}
+
+    base = rich_snapshot()
+    sections = metrics.Sections()
+    first = rows_by_model(list(metrics.collect(base, sections)))
+    qwen, zephyr = base.installed
+    changed = replace(base, installed=(qwen, replace(zephyr, size=1)), loaded=base.loaded[:1],
+                      loads_total=frozen_map({"qwen3:8b": 2, "zephyr:latest": 1}))
+    second = rows_by_model(list(metrics.collect(changed, sections)))
+    kept = [key for key in second if key[1] == "qwen3:8b" and key[0].startswith(("ollama_model_", "ollama_loaded"))]
+    assert len(kept) >= 8 and all(second[key] is first[key] for key in kept)
+    assert second[("ollama_model_size_bytes", "zephyr:latest")] == (("zephyr:latest",), 1)
+    assert second[("ollama_model_loads_total", "zephyr:latest")] == (("zephyr:latest",), 1)
+    assert ("ollama_loaded_model_size_bytes", "old:latest") not in second  # unloaded: gone
+    fresh = rows_by_model(list(metrics.collect(changed)))
+    assert fresh == second  # the same rows a fresh build makes
