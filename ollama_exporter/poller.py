@@ -397,12 +397,17 @@ class Poller:
                 for counter in (self._loads, self._unloads, self._downgrades):
                     counter[name] += 0  # counters start at 0, so increase() counts the first event too
             self._seen[name] = now
-        for name in [n for n, seen in self._seen.items() if now - seen > self.forget_after]:
+        gone = [n for n, seen in self._seen.items() if now - seen > self.forget_after]
+        for name in gone:
             del self._seen[name]
             for counter in (self._loads, self._unloads, self._downgrades):
                 counter.pop(name, None)
             if self._previous_loaded is not None:
                 self._previous_loaded.pop(name, None)
+        if gone:  # a dict keeps the table it grew to (thousands of names after a burst): copies fit what is left
+            self._seen = dict(self._seen)
+            self._loads, self._unloads, self._downgrades = (Counter(c) for c in (self._loads, self._unloads,
+                                                                                 self._downgrades))
 
     def _count_transitions(self, loaded: tuple[LoadedModel, ...], now: float) -> None:
         current = {m.name: m for m in loaded}

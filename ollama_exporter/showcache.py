@@ -49,9 +49,10 @@ class ShowCache:
                 wanted.setdefault(model.digest, model.name)
         with self._lock:
             self._wanted = set(wanted)
-            for table in (self._info, self._retry):
-                for digest in [d for d in table if d not in wanted]:
-                    del table[digest]
+            if not (wanted.keys() >= self._info.keys() and wanted.keys() >= self._retry.keys()):
+                # copies rather than deletions: a dict keeps the table it grew to (a burst of names)
+                self._info = {d: v for d, v in self._info.items() if d in wanted}
+                self._retry = {d: v for d, v in self._retry.items() if d in wanted}
             start = [(d, n) for d, n in wanted.items() if d not in self._info and d not in self._pending
                      and (d not in self._retry or self._retry[d].ready(now))]
             self._pending.update(d for d, _ in start)

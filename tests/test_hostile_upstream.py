@@ -235,6 +235,35 @@ def test_forgotten_models_lose_their_series(up):
     assert "gone:1" not in exposition.get().data.decode()
 
 
+def test_forgetting_a_burst_of_names_gives_back_the_tables_it_grew(up):
+    """A dict keeps the table it grew to when entries are deleted: after 5 000 names came and were
+    forgotten, the poller's and the /api/show cache's tables still had room for 5 000 (~0.5 MB)."""
+    import sys
+
+    from ollama_exporter.showcache import ShowCache
+    from ollama_exporter.snapshot import InstalledModel, ModelDetails
+
+    now = [1000.0]
+    serve(up, [row(f"burst-{i}:1") for i in range(5000)])
+    poller = Poller(OllamaClient(up.url, 5.0, max_models=5000), 1.0, clock=lambda: now[0], forget_after=60)
+    poller.poll_once()
+    serve(up, [row("kept:1")])
+    now[0] += 61
+    poller.poll_once()
+    for table in (poller._seen, poller._loads, poller._unloads, poller._downgrades):
+        assert len(table) <= 1 and sys.getsizeof(table) <= sys.getsizeof(type(table)(table))
+
+    class Inline:  # runs each /api/show call at once
+        def submit(self, fn, *args):
+            fn(*args)
+
+    shows = ShowCache(lambda name: None, Inline(), retry_after=60)
+    shows.update([InstalledModel(f"m{i}:1", f"{i:064x}", 1, ModelDetails()) for i in range(5000)])
+    assert len(shows._retry) == 5000  # every call failed (fetch returned no answer): each waits to retry
+    shows.update([])
+    assert sys.getsizeof(shows._retry) <= sys.getsizeof(dict(shows._retry))
+
+
 def test_the_daemon_keeps_answering_while_upstream_misbehaves(up, exporter_factory):
     serve(up, [row(size=10**300), row("ok:1")])
     exp = exporter_factory("--ollama.url", up.url, "--poll.interval", "200ms", "--ollama.timeout", "500ms",
