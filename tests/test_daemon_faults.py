@@ -278,6 +278,40 @@ print(during, mapped() - before)
     assert default_during <= 5  # by default in the heap, where freed space stays
 
 
+def test_after_a_burst_the_free_pages_in_mallocs_heaps_go_back_and_not_before():
+    """Space freed in the middle of a heap stays resident (glibc gives back only a heap's top): after a
+    burst frees enough of it, the next look trims the heaps; with nothing new freed, it does not."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallinfo2() and malloc_trim() are glibc's")
+    check = r'''
+from ollama_exporter.memory import HeapTrimmer, TRIM_EVERY
+def rss_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1])
+now = [0.0]
+trimmer = HeapTrimmer(clock=lambda: now[0])
+now[0] += TRIM_EVERY; trimmer.after_poll()  # the first look: what is free before the burst
+blocks = [bytearray(b"x" * 4096) for _ in range(4000)]  # 16 MB in the heap
+kept = blocks[::100]  # a few survivors pin the heap's top
+del blocks
+now[0] += TRIM_EVERY / 2; trimmer.after_poll()
+assert trimmer.trims == 0, "looked before TRIM_EVERY"
+before = rss_kb()
+now[0] += TRIM_EVERY / 2; trimmer.after_poll()
+after = rss_kb()
+assert trimmer.trims == 1, trimmer.trims
+assert before - after > 8 * 1024, (before, after)
+now[0] += TRIM_EVERY; trimmer.after_poll()
+assert trimmer.trims == 1, "trimmed again with nothing new freed"
+print("ok")
+'''
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_polls_keep_long_lived_objects_out_of_gc_walks_and_cycles_are_still_reclaimed():
     """A full GC walk of a 2 000-model exporter held the interpreter ~20 ms under a scrape (bench_scale's
     paced p99): after a poll what is alive is frozen, and a full collection every FULL_COLLECT_EVERY
