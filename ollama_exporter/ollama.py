@@ -165,49 +165,67 @@ class OllamaClient:
         """The model rows of /api/tags or /api/ps, reusing what did not change since the last answer.
 
         Polls mostly read the same answers again: the same bytes give back the same rows (a steady
-        /api/tags costs one bytes comparison, not a parse), and a row decoded exactly as the row of the
-        same name in the last answer reuses its parsed value (after a probe, only the probed model's row
-        of /api/ps differs). Reused values are the very objects of the last answer, so the snapshot's
-        sections stay identical and the metrics of what did not change are not rendered again.
+        /api/tags costs one bytes comparison, not a parse), and a row written exactly as a row of the
+        last answer reuses its parsed value without being decoded (after a probe, only the probed
+        model's row of /api/ps differs; in a burst of names, only the new ones). Reused values are the
+        very objects of the last answer, so the snapshot's sections stay identical and the metrics of
+        what did not change are not rendered again.
         """
         raw = self._body("GET", path)
         last = self._last.get(path)
         if last is not None and last.raw == raw:
             return Rows(last.rows, last.rows.dropped)
-        body = _json_object(path, raw, self._max_values(path))
-        models = body.get("models")
-        if models is None and "models" in body:
-            return Rows()  # tolerate null: it means "none"
-        if not isinstance(models, list):
-            raise OllamaError("invalid_response", f"{path}: `models` is not a list")
         before = last.parsed if last is not None else {}
         rows, seen, dropped, parsed = [], set(), Counter(), {}
-        for row in models:
+        for key, row in self._keyed_rows(path, raw, before):
             if len(rows) >= self.max_models:
                 dropped["limit"] += 1
                 continue
-            key = row.get("name") if isinstance(row, dict) else None
-            decoded = _decoded_as(row) if isinstance(key, str) else None
-            previous = before.get(key) if decoded is not None else None
-            if previous is not None and previous[0] == decoded:
-                model = previous[1]
-            else:
+            entry = before.get(key) if key is not None else None
+            if entry is None:
                 try:
-                    model = parse(row)
+                    entry = (key, parse(row))
                 except _BadRow:
                     dropped["invalid"] += 1
                     continue
-                previous = (decoded, model) if decoded is not None else None
+            model = entry[1]
             if model.name in seen:
                 dropped["duplicate"] += 1
                 continue
             seen.add(model.name)
             rows.append(model)
-            if previous is not None:
-                parsed[key] = previous
+            if key is not None:
+                parsed[entry[0]] = entry  # the last answer's key object when it is the same row
         result = Rows(rows, dropped)
         self._last[path] = _LastAnswer(raw, Rows(rows, dropped), parsed)
         return result
+
+    def _keyed_rows(self, path: str, raw: bytes, before: dict) -> list[tuple[Any, Any]]:
+        """(key, decoded row) for each row of the answer: the key tells the row exactly (its bytes, or
+        repr() of what it decoded to; None if neither can be had), and a row whose key is in `before`
+        is not decoded (None)."""
+        max_values = self._max_values(path)
+        _check_values(path, raw, max_values)
+        segments = _row_segments(raw)
+        if segments is not None:
+            keyed: list[tuple[Any, Any]] = []
+            for segment in segments:
+                if segment in before:
+                    keyed.append((segment, None))
+                    continue
+                try:
+                    keyed.append((segment, json.loads(segment, parse_constant=reject_constant)))
+                except (ValueError, RecursionError):
+                    break  # not cut where rows begin and end after all: decode the whole answer
+            else:
+                return keyed
+        body = _json_object(path, raw, max_values)
+        models = body.get("models")
+        if models is None and "models" in body:
+            return []  # tolerate null: it means "none"
+        if not isinstance(models, list):
+            raise OllamaError("invalid_response", f"{path}: `models` is not a list")
+        return [(_decoded_as(row), row) for row in models]
 
 
 def make_client(config: Config, url: Optional[str] = None, timeout: Optional[float] = None) -> OllamaClient:
@@ -224,7 +242,23 @@ def make_client(config: Config, url: Optional[str] = None, timeout: Optional[flo
 class _LastAnswer:
     raw: bytes
     rows: Rows
-    parsed: dict  # row name -> (_decoded_as(the row), what it was parsed into)
+    parsed: dict  # key of a row (see OllamaClient._keyed_rows) -> (that key, what the row was parsed into)
+
+
+_ROWS_START, _ROWS_END, _ROW_CUT = b'{"models":[{"name":', b"}]}", b'},{"name":'
+
+
+def _row_segments(raw: bytes) -> Optional[list[bytes]]:
+    """The rows of an answer in Ollama's own shape, `{"models":[{"name":...},{"name":...}]}`, as the
+    bytes of each, cut at `},{"name":`: that has a quote no backslash escapes, so it is never inside a
+    string, and a cut inside a nested value leaves a row that does not decode (the caller then decodes
+    the whole answer). None for any other shape."""
+    body = raw.rstrip()
+    if not (body.startswith(_ROWS_START) and body.endswith(_ROWS_END)):
+        return None
+    pieces = body[len(_ROWS_START) - len(b'{"name":'):-len(_ROWS_END) + 1].split(_ROW_CUT)
+    last = len(pieces) - 1
+    return [(b'{"name":' if i else b"") + piece + (b"}" if i < last else b"") for i, piece in enumerate(pieces)]
 
 
 def _decoded_as(row: Any) -> Optional[str]:
@@ -271,14 +305,18 @@ def _json(path: str, data: bytes, max_values: int = DEFAULT_MAX_VALUES) -> Any:
     """Strict JSON: no NaN or Infinity, no integer too long to parse, no nesting deep enough to recurse out,
     and no more than about `max_values` values (every value but the first in an array or object follows
     a comma, so commas plus brackets bound them; commas inside strings only make the count cautious)."""
-    values = data.count(b",") + data.count(b"{") + data.count(b"[")
-    if values > max_values:
-        raise OllamaError("invalid_response", f"{path}: answer holds more than {max_values} JSON values")
+    _check_values(path, data, max_values)
     try:
         return json.loads(data, parse_constant=reject_constant)
     except (ValueError, RecursionError) as exc:
         reason = str(exc)[:60] if isinstance(exc, ValueError) else "nested too deeply"
         raise OllamaError("invalid_response", f"{path}: answer is not valid JSON ({reason}): {data[:60]!r}") from None
+
+
+def _check_values(path: str, data: bytes, max_values: int) -> None:
+    values = data.count(b",") + data.count(b"{") + data.count(b"[")
+    if values > max_values:
+        raise OllamaError("invalid_response", f"{path}: answer holds more than {max_values} JSON values")
 
 
 def _json_object(path: str, data: bytes, max_values: int) -> dict:

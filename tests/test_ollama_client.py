@@ -251,6 +251,82 @@ def test_what_is_kept_to_reuse_rows_is_a_string_per_model_not_the_decoded_row(up
     assert kept / 2000 < 700  # the answer's bytes (kept to tell the next one unchanged) and a dict entry
 
 
+def _read_both_ways(monkeypatch, path: str, answers: list[bytes]):
+    """What a client makes of a sequence of answers, row by row from their bytes and decoding each whole
+    (a failure as its message)."""
+    from ollama_exporter import ollama as module
+
+    results = []
+    for by_rows in (True, False):
+        if not by_rows:
+            monkeypatch.setattr(module, "_row_segments", lambda raw: None)
+        c, got = OllamaClient("http://127.0.0.1:9", 1.0, max_models=3), []
+        for answer in answers:
+            c._body = lambda *args, answer=answer, **kwargs: answer
+            try:
+                rows = c.ps() if path == "/api/ps" else c.tags()
+                got.append((list(rows), dict(rows.dropped)))
+            except OllamaError as exc:
+                got.append(str(exc))
+        results.append(got)
+    return results
+
+
+HOSTILE_ANSWERS = [
+    b'{"models":[{"name":"a:1","size":1},{"name":"b:1","x":[{"y":1},{"name":"c:1"}]}]}',  # the cut inside an array
+    b'{"models":[{"name":"a:1","d":{"e":1}},{"name":"f:1"}]}',  # a nested object before the cut
+    b'{"models":[{"name":"a:1","size":1},{"name":"a:1","size":2}]}',  # a duplicate
+    b'{"models":[{"name":"a:1"},{"name":""},{"name":5}]}',  # rows with no usable name
+    b'{"models":[{"name":"a:1","size":1' + b"9" * 5000 + b'}]}',  # an integer too long
+    b'{"models":[{"name":"a:1","size":NaN}]}',
+    b'{"models":[{"name":"a:1"},{"name":"b:1"}]}trailing',
+    b'{"models":[{"name":"a:1"},{"name":"b:1"},{"name":"c:1"},{"name":"d:1"}]}',  # past max_models
+    b'{"models":[{"name":"a},{\\"name\\":b"}]}',  # the cut's bytes inside a string (its quote escaped)
+    b'{"models":[{"name":"\\ud800"}]}',
+    b'{"models":[{"name":"a:1"}]',  # cut short
+]
+
+
+@pytest.mark.parametrize("path", ["/api/ps", "/api/tags"])
+def test_reading_rows_from_their_bytes_gives_what_decoding_the_whole_answer_gives(monkeypatch, path):
+    """Rows are cut from an answer in Ollama's own shape and only new ones are decoded; for every
+    captured answer and every hostile one (a cut that lands inside a nested value, duplicates, values
+    that cannot be parsed, answers that are not JSON), in sequence, the rows, the drops and the errors
+    are those of decoding the whole answer."""
+    kind = "ps" if path == "/api/ps" else "tags"
+    answers = [f.read_bytes() for f in fixture_files(kind, "*.json")] + HOSTILE_ANSWERS
+    answers += answers[::-1]  # and each again after others, when rows are reused
+    by_rows, whole = _read_both_ways(monkeypatch, path, answers)
+    assert by_rows == whole
+    assert sum(isinstance(r, str) for r in by_rows) >= 8  # the hostile ones did fail
+
+
+def test_in_a_burst_of_names_only_the_new_rows_are_decoded(up):
+    """During a burst /api/tags changes at every poll; decoding the whole answer made dozens of objects
+    per listed model each time (1.5 KB a row at 2 000 models), to throw away all but the new rows."""
+    import hashlib
+    import tracemalloc
+
+    details = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+               "parameter_size": "8.0B", "quantization_level": "Q4_K_M"}
+    rows = [{"name": f"m{i}:q4", "model": f"m{i}:q4", "modified_at": "2026-01-01T00:00:00Z", "size": 4_920_753_328,
+             "digest": hashlib.sha256(b"%d" % i).hexdigest(), "details": details} for i in range(2000)]
+    compact = {"separators": (",", ":")}
+    up.reply("GET", "/api/tags", body=json.dumps({"models": rows}, **compact).encode())
+    ollama = OllamaClient(up.url, 5.0, max_models=5000)
+    first = ollama.tags()
+    up.reply("GET", "/api/tags", body=json.dumps({"models": rows + [dict(rows[0], name="new:1")]}, **compact).encode())
+    tracemalloc.start()
+    try:
+        second = ollama.tags()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert list(second)[:2000] == list(first) and all(a is b for a, b in zip(second, first))
+    assert second[2000].name == "new:1"
+    assert peak / 2000 < 1000  # the answer's bytes and each row's, not every row decoded
+
+
 @pytest.mark.parametrize("value", [True, 1.0, "1000"])
 def test_a_row_equal_in_python_but_not_in_json_is_parsed_again(up, value):
     """1 == 1.0 == True in Python: reusing the last row's parse on == alone would report a boolean size."""
