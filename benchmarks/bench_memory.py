@@ -4,8 +4,9 @@ The soak (bench_soak.py) showed that the resident size a burst of model names le
 burst's high-water mark of small objects; this measures the two long-lived stores a burst fills, in
 process and exactly (tracemalloc, not RSS):
 
-- the client's reuse state for /api/tags: what it keeps per model so an unchanged row is not parsed
-  again, and the time to read an answer in which one row of `--models` changed;
+- the client's reuse state for /api/tags (Ollama's compact JSON): what it keeps per model so an
+  unchanged row is not parsed again, the most it holds while reading an answer in which one row of
+  `--models` changed (in a burst of names, every poll), and the time that read takes;
 - the writer's state for one family: what it keeps per series so an unchanged line is not formatted
   again, and the time to render the family again when one row changed.
 
@@ -60,10 +61,22 @@ def kept(make) -> tuple[int, object]:
         tracemalloc.stop()
 
 
+def peaked(action) -> int:
+    """The most bytes allocated at once while action() ran, above what was allocated before."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def client_figures(models: int, repeat: int) -> dict:
     from ollama_exporter.ollama import OllamaClient
 
-    answers = [json.dumps({"models": [tags_row(i, 4_920_753_328 + (k if i == k else 0)) for i in range(models)]}).encode()
+    answers = [json.dumps({"models": [tags_row(i, 4_920_753_328 + (k if i == k else 0)) for i in range(models)]},
+                          separators=(",", ":")).encode()
                for k in range(repeat + 1)]  # answer k: row k changed
     client = OllamaClient("http://127.0.0.1:9", 1.0, max_models=models)
     current = [answers[0]]
@@ -74,7 +87,9 @@ def client_figures(models: int, repeat: int) -> dict:
     def one_row_changed():
         current[0] = next(changes)
         client.tags()
-    return {"client_bytes_per_model": size / models, "client_changed_row_ms": timed(one_row_changed, repeat) * 1000}
+    peak = peaked(one_row_changed)
+    return {"client_bytes_per_model": size / models, "client_peak_per_model": peak / models,
+            "client_changed_row_ms": timed(one_row_changed, repeat - 1) * 1000}
 
 
 def writer_figures(models: int, repeat: int) -> dict:
@@ -121,10 +136,11 @@ def main() -> None:
     if args.against:
         runs[f"{args.against}"] = run_in(args.against.resolve(), args.models, args.repeat)
     print(f"{args.models} models, median of {args.repeat} changes")
-    print(f"{'':28} {'client B/model':>15} {'one row changed ms':>19} {'writer B/series':>16} {'one row changed ms':>19}")
+    print(f"{'':28} {'client B/model':>15} {'peak B/model':>13} {'one row changed ms':>19} {'writer B/series':>16} "
+          f"{'one row changed ms':>19}")
     for name, r in runs.items():
-        print(f"{name[:28]:28} {r['client_bytes_per_model']:15.0f} {r['client_changed_row_ms']:19.2f} "
-              f"{r['writer_bytes_per_series']:16.0f} {r['writer_changed_row_ms']:19.2f}")
+        print(f"{name[:28]:28} {r['client_bytes_per_model']:15.0f} {r.get('client_peak_per_model', 0):13.0f} "
+              f"{r['client_changed_row_ms']:19.2f} {r['writer_bytes_per_series']:16.0f} {r['writer_changed_row_ms']:19.2f}")
 
 
 if __name__ == "__main__":
