@@ -205,9 +205,9 @@ class OllamaClient:
         repr() of what it decoded to; None if neither can be had), and a row whose key is in `before`
         is not decoded (None)."""
         max_values = self._max_values(path)
-        _check_values(path, raw, max_values)
         segments = _row_segments(raw)
         if segments is not None:
+            _check_values(path, raw, max_values)  # as decoding the whole answer would
             keyed: list[tuple[Any, Any]] = []
             for segment in segments:
                 if segment in before:
