@@ -112,17 +112,22 @@ class Churn:
         return installed, loaded
 
 
+def answer(obj: dict) -> bytes:
+    """JSON as Ollama writes it (Go's encoding/json: no spaces; see tests/fixtures/ollama/api)."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def scripted_ollama(churn: Churn) -> ScriptedServer:
     up = ScriptedServer().start()
     up.reply("GET", "/api/version", body=b'{"version":"0.30.0"}')
-    up.script("GET", "/api/tags", lambda r: [head(200, json.dumps(
-        {"models": [tags_row(n) for n in churn.current()[0]]}).encode())])
-    up.script("GET", "/api/ps", lambda r: [head(200, json.dumps(
-        {"models": [ps_row(n) for n in churn.current()[1]]}).encode())])
-    up.script("POST", "/api/show", lambda r: [head(200, json.dumps({
+    up.script("GET", "/api/tags", lambda r: [head(200, answer(
+        {"models": [tags_row(n) for n in churn.current()[0]]}))])
+    up.script("GET", "/api/ps", lambda r: [head(200, answer(
+        {"models": [ps_row(n) for n in churn.current()[1]]}))])
+    up.script("POST", "/api/show", lambda r: [head(200, answer({
         "model_info": {"general.architecture": "llama", "llama.context_length": 131072,
                        "general.parameter_count": 8_030_261_248},
-        "capabilities": ["completion", "tools"], "details": DETAILS}).encode())])
+        "capabilities": ["completion", "tools"], "details": DETAILS}))])
     return up
 
 
