@@ -304,7 +304,7 @@ class Sections:
         last, kept, rows = self._rows.get(section, {}), {}, []
         for model, inputs in models:
             got = last.get(model)
-            if got is None or (got[0] is not inputs and got[0] != inputs):
+            if not _unchanged(got, inputs):
                 got = (inputs, build(model, inputs))
             kept[model] = got
             rows += got[1]
@@ -312,10 +312,15 @@ class Sections:
         return rows
 
 
+def _unchanged(last: Optional[tuple], inputs: object) -> bool:
+    """Whether what was built from last[0] still holds for `inputs`: the same object, or equal."""
+    return last is not None and (last[0] is inputs or last[0] == inputs)
+
+
 def _reused(store: dict, key: str, inputs: object, build: Callable[[], Any]) -> Any:
     """What `build` made for `key` last time, while `inputs` is the same object or equal; else build anew."""
     last = store.get(key)
-    if last is None or (last[0] is not inputs and last[0] != inputs):
+    if not _unchanged(last, inputs):
         last = store[key] = (inputs, build())
     return last[1]
 
@@ -394,7 +399,7 @@ def _flat(families: tuple[str, ...], labels: tuple, values: tuple) -> list:
     """family, (labels, value), ... for the values that are there."""
     rows: list = []
     for family, value in zip(families, values):
-        if value is not None:
+        if _opt(value):
             rows += [family, (labels, value)]
     return rows
 
