@@ -134,12 +134,16 @@ class _FamilyText:
         self.blocks: Optional[list[tuple[tuple, bytes]]] = None  # the body deflated chunk by chunk: (rows, block)
         self.previous = previous  # the blocks of the last rendition, until these are made from them
 
+    def start(self, i: int) -> int:
+        """Where row i's line starts in the body: where the row before it ends."""
+        return self.ends[i - 1] if i else 0
+
     def line(self, i: int) -> str:
-        return self.body[self.ends[i - 1] if i else 0:self.ends[i]]
+        return self.body[self.start(i):self.ends[i]]
 
     def text(self, start: int, stop: int) -> str:
         """The lines of rows start to stop (not included)."""
-        return self.body[self.ends[start - 1] if start else 0:self.ends[stop - 1] if stop else 0]
+        return self.body[self.start(start):self.start(stop)]
 
 
 class Writer:
@@ -190,7 +194,7 @@ class Writer:
             # rows came or went, each is looked up by value instead.
             failed: set[int] = set()  # rows left out last time (an empty span) are tried again
             if last is not None and last.left_out:
-                failed = {i for i in range(len(old_rows)) if not last.line(i)}
+                failed = {i for i in range(len(old_rows)) if last.ends[i] == last.start(i)}
             if len(old_rows) == len(rows):
                 runs = _runs_in_place([i for i, (before, row) in enumerate(zip(old_rows, rows))
                                        if (before is not row and before != row) or i in failed], len(rows))
@@ -230,7 +234,7 @@ class Writer:
                 end += len(line)
                 ends.append(end)
                 continue
-            first, kept = (last.ends[j - 1] if j else 0), last.ends[j:j + count]
+            first, kept = last.start(j), last.ends[j:j + count]
             pieces.append(last.body[first:kept[-1]])
             shift = end - first
             ends.extend(kept if not shift else array("Q", map(shift.__add__, kept)))
