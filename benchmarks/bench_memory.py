@@ -28,6 +28,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+# The rows bench_soak.py lists, written here again on purpose: the --against child runs this file with
+# another checkout first on the path, whose bench_soak.py may not be this one.
 DETAILS = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
            "parameter_size": "8.0B", "quantization_level": "Q4_K_M"}
 

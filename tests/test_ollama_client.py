@@ -227,16 +227,22 @@ def test_the_same_answer_gives_back_the_same_rows_and_a_changed_row_alone_is_par
     assert changed[1] is not first[1] and changed[1].size == 3000
 
 
-def test_what_is_kept_to_reuse_rows_is_a_string_per_model_not_the_decoded_row(up):
-    """The decoded row (two dicts, a list, their strings) was kept per model to tell it unchanged: at
-    2 000 models and during a burst of names, dozens of small objects each that outlive the poll."""
+def inventory(models: int) -> list[dict]:
+    """/api/tags rows as a real server lists them, for the memory tests."""
     import hashlib
-    import tracemalloc
 
     details = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
                "parameter_size": "8.0B", "quantization_level": "Q4_K_M"}
-    rows = [{"name": f"m{i}:q4", "model": f"m{i}:q4", "modified_at": "2026-01-01T00:00:00Z", "size": 4_920_753_328,
-             "digest": hashlib.sha256(b"%d" % i).hexdigest(), "details": details} for i in range(2000)]
+    return [{"name": f"m{i}:q4", "model": f"m{i}:q4", "modified_at": "2026-01-01T00:00:00Z", "size": 4_920_753_328,
+             "digest": hashlib.sha256(b"%d" % i).hexdigest(), "details": details} for i in range(models)]
+
+
+def test_what_is_kept_to_reuse_rows_is_a_string_per_model_not_the_decoded_row(up):
+    """The decoded row (two dicts, a list, their strings) was kept per model to tell it unchanged: at
+    2 000 models and during a burst of names, dozens of small objects each that outlive the poll."""
+    import tracemalloc
+
+    rows = inventory(2000)
     up.reply("GET", "/api/tags", body=_tags(*rows))
     ollama = OllamaClient(up.url, 5.0, max_models=2000)
     ollama.tags()  # the connection and the client's own state, outside the measure
@@ -304,13 +310,9 @@ def test_reading_rows_from_their_bytes_gives_what_decoding_the_whole_answer_give
 def test_in_a_burst_of_names_only_the_new_rows_are_decoded(up):
     """During a burst /api/tags changes at every poll; decoding the whole answer made dozens of objects
     per listed model each time (1.5 KB a row at 2 000 models), to throw away all but the new rows."""
-    import hashlib
     import tracemalloc
 
-    details = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-               "parameter_size": "8.0B", "quantization_level": "Q4_K_M"}
-    rows = [{"name": f"m{i}:q4", "model": f"m{i}:q4", "modified_at": "2026-01-01T00:00:00Z", "size": 4_920_753_328,
-             "digest": hashlib.sha256(b"%d" % i).hexdigest(), "details": details} for i in range(2000)]
+    rows = inventory(2000)
     compact = {"separators": (",", ":")}
     up.reply("GET", "/api/tags", body=json.dumps({"models": rows}, **compact).encode())
     ollama = OllamaClient(up.url, 5.0, max_models=5000)
