@@ -27,7 +27,7 @@ from ollama_exporter.gpu import GpuSource
 from ollama_exporter.logfollow import LogFollower
 from ollama_exporter.logsources import FileSource, JournaldSource, PipeSource
 from ollama_exporter.logstate import StateFile, default_state_path
-from ollama_exporter.memory import QuietCollector, tune_allocator
+from ollama_exporter.memory import after_each_poll, tune_allocator
 from ollama_exporter.multitarget import MultiTarget
 from ollama_exporter.ollama import OllamaClient, make_client
 from ollama_exporter.poller import Poller
@@ -185,8 +185,9 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the configuration files. The process is the daemon's
-        now: its garbage collector is set up for it (no full walk of 2 000 models under a scrape)."""
-        self.poller.after_poll = QuietCollector().after_poll
+        now: its garbage collector is set up for it (no full walk of 2 000 models under a scrape), and its
+        heaps are trimmed after a burst."""
+        self.poller.after_poll = after_each_poll()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop.set())
         signal.signal(signal.SIGHUP, lambda signum, frame: self._reload_wanted.set())

@@ -31,7 +31,7 @@ import ctypes.util
 import gc
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,12 @@ class HeapTrimmer:
 
 
 class QuietCollector:
-    """Keeps long-lived objects out of the cyclic collector's walks (see the module's docstring), and
-    trims the heaps after a burst."""
+    """Keeps long-lived objects out of the cyclic collector's walks; see the module's docstring."""
 
     def __init__(self, full_every: float = FULL_COLLECT_EVERY, clock=time.monotonic):
         self.full_every = full_every
         self.clock = clock
         self._last_full = clock()
-        self.trimmer = HeapTrimmer(clock=clock)
 
     def after_poll(self) -> None:
         """Call when a poll has published: what it built is long-lived now."""
@@ -110,4 +108,14 @@ class QuietCollector:
             gc.collect()
             self._last_full = self.clock()
         gc.freeze()
-        self.trimmer.after_poll()
+
+
+def after_each_poll() -> Callable[[], None]:
+    """What the daemon runs after every poll: what the poll left alive is frozen, then the heaps are
+    trimmed if a burst freed enough in them."""
+    collector, trimmer = QuietCollector(), HeapTrimmer()
+
+    def after_poll() -> None:
+        collector.after_poll()
+        trimmer.after_poll()
+    return after_poll
