@@ -112,8 +112,62 @@ def writer_figures(models: int, repeat: int) -> dict:
             "writer_changed_row_ms": timed(lambda: writer.prepare([next(rest)]), repeat) * 1000}
 
 
+def ps_row(i: int) -> dict:
+    row = tags_row(i)
+    return {**row, "size": 6_654_289_920, "expires_at": "2318-01-01T00:00:00Z", "size_vram": 6_654_289_920,
+            "context_length": 4096}
+
+
+SHOW = {"model_info": {"general.architecture": "llama", "llama.context_length": 131072,
+                       "general.parameter_count": 8_030_261_248},
+        "capabilities": ["completion", "tools"], "details": DETAILS}
+
+
+def pipeline_figures(models: int) -> dict:
+    """What the whole daemon keeps per model a burst lists (the client, the poller with its show cache,
+    the metrics' sections and the writer): 20 steady models, then `models` more, every third loaded,
+    each shown; small objects (up to 512 bytes, CPython's own allocator) counted apart, since those are
+    what the soak's residue follows."""
+    from ollama_exporter.exposition import Exposition
+    from ollama_exporter.ollama import OllamaClient
+    from ollama_exporter.poller import Poller
+
+    client = OllamaClient("http://127.0.0.1:9", 5.0, max_models=models + 100)
+    answers = {"/api/version": b'{"version":"0.30.0"}', "/api/show": json.dumps(SHOW, separators=(",", ":")).encode()}
+
+    def listing(count: int) -> None:
+        answers["/api/tags"] = json.dumps({"models": [tags_row(i) for i in range(count)]}, separators=(",", ":")).encode()
+        answers["/api/ps"] = json.dumps({"models": [ps_row(i) for i in range(0, count, 3)]}, separators=(",", ":")).encode()
+
+    client._body = lambda method, path, *a, **kw: answers[path]
+    poller, exposition = Poller(client, 1.0), Exposition(runtime_metrics=False)
+    poller.settle_shows = True
+
+    def cycle(count: int) -> None:
+        listing(count)
+        for _ in range(2):  # the second poll joins the show answers the first one asked for
+            exposition.update(poller.poll_once())
+
+    cycle(20)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        cycle(20 + models)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    small = [t.size for t in after.traces if t.size <= 512]
+    small_before = [t.size for t in before.traces if t.size <= 512]
+    total = sum(t.size for t in after.traces) - sum(t.size for t in before.traces)
+    return {"pipeline_bytes_per_model": total / models,
+            "pipeline_small_bytes_per_model": (sum(small) - sum(small_before)) / models,
+            "pipeline_small_objects_per_model": (len(small) - len(small_before)) / models}
+
+
 def measure(models: int, repeat: int) -> dict:
-    return {**client_figures(models, repeat), **writer_figures(models, repeat)}
+    return {**client_figures(models, repeat), **writer_figures(models, repeat), **pipeline_figures(models)}
 
 
 def run_in(checkout: Path, models: int, repeat: int) -> dict:
@@ -143,6 +197,11 @@ def main() -> None:
     for name, r in runs.items():
         print(f"{name[:28]:28} {r['client_bytes_per_model']:15.0f} {r.get('client_peak_per_model', 0):13.0f} "
               f"{r['client_changed_row_ms']:19.2f} {r['writer_bytes_per_series']:16.0f} {r['writer_changed_row_ms']:19.2f}")
+    print(f"\n{'the whole pipeline, per model':28} {'B kept':>15} {'small B kept':>13} {'small objects':>19}")
+    for name, r in runs.items():
+        if "pipeline_bytes_per_model" in r:
+            print(f"{name[:28]:28} {r['pipeline_bytes_per_model']:15.0f} {r['pipeline_small_bytes_per_model']:13.0f} "
+                  f"{r['pipeline_small_objects_per_model']:19.1f}")
 
 
 if __name__ == "__main__":
