@@ -201,20 +201,21 @@ class OllamaClient:
         return result
 
     def _keyed_rows(self, path: str, raw: bytes, before: dict) -> list[tuple[Any, Any]]:
-        """(key, decoded row) for each row of the answer: the key tells the row exactly (its bytes, or
-        repr() of what it decoded to; None if neither can be had), and a row whose key is in `before`
-        is not decoded (None)."""
+        """(key, decoded row) for each row of the answer: the key tells the row (see _key: of its bytes,
+        or of repr() of what it decoded to; None if neither can be had), and a row whose key is in
+        `before` is not decoded (None)."""
         max_values = self._max_values(path)
         segments = _row_segments(raw)
         if segments is not None:
             _check_values(path, raw, max_values)  # as decoding the whole answer would
             keyed: list[tuple[Any, Any]] = []
             for segment in segments:
-                if segment in before:
-                    keyed.append((segment, None))
+                key = _key(segment)
+                if key in before:
+                    keyed.append((key, None))
                     continue
                 try:
-                    keyed.append((segment, json.loads(segment, parse_constant=reject_constant)))
+                    keyed.append((key, json.loads(segment, parse_constant=reject_constant)))
                 except (ValueError, RecursionError):
                     break  # not cut where rows begin and end after all: decode the whole answer
             else:
@@ -242,7 +243,7 @@ def make_client(config: Config, url: Optional[str] = None, timeout: Optional[flo
 class _LastAnswer:
     raw: bytes
     rows: Rows
-    parsed: dict  # key of a row (see OllamaClient._keyed_rows) -> (that key, what the row was parsed into)
+    parsed: dict  # key of a row (see _key) -> (that key, what the row was parsed into)
 
 
 _ROWS_START, _ROWS_END, _ROW_CUT = b'{"models":[{"name":', b"}]}", b'},{"name":'
@@ -261,14 +262,22 @@ def _row_segments(raw: bytes) -> Optional[list[bytes]]:
     return [(b'{"name":' if i else b"") + piece + (b"}" if i < last else b"") for i, piece in enumerate(pieces)]
 
 
-def _decoded_as(row: Any) -> Optional[str]:
-    """What `row` was decoded to, exactly, as one string: repr() tells 1, 1.0 and True apart, which ==
-    does not (the parsers do). Kept per model instead of the decoded row, which is dozens of objects;
-    None for a row nested too deeply to write out (it is parsed every time)."""
+def _decoded_as(row: Any) -> Optional[int]:
+    """The key of what `row` was decoded to, exactly: repr() tells 1, 1.0 and True apart, which == does
+    not (the parsers do). None for a row nested too deeply to write out (it is parsed every time)."""
     try:
-        return repr(row)
+        return _key(repr(row))
     except RecursionError:
         return None
+
+
+def _key(row: bytes | str) -> int:
+    """What is kept per row to tell it unchanged in the next answer: the row's hash, 64 bits of SipHash
+    under this process's secret key (what a dict keyed by the row would compute anyway), not the row
+    (hundreds of bytes) nor what it decoded to (dozens of objects). Two different rows share it with
+    odds of 2**-64: at 2 000 rows, every one checked against 2 000 four times a second, once in about
+    40 000 years."""
+    return hash(row)
 
 
 class _translate:
@@ -385,7 +394,27 @@ def _int(value: Any, low: int = 0, high: int = MAX_COUNT) -> Optional[int]:
 def _strings(value: Any, limit: int = MAX_CAPABILITIES) -> Optional[tuple[str, ...]]:
     if not isinstance(value, list):
         return None
-    return tuple(dict.fromkeys(s for s in (_label(v, 64) for v in value[:limit]) if s))
+    return _shared(tuple(dict.fromkeys(s for s in (_label(v, 64) for v in value[:limit]) if s)))
+
+
+# The models of one server share a few formats, families, quantizations and capability lists, yet every
+# row and /api/show answer decodes its own copies: a dozen small objects per model that outlive the poll
+# (and, in a burst of names, set how much memory the burst leaves behind). Parsers hand out one copy of
+# each such value instead; the table is emptied when full, so answers with ever new values cannot grow it.
+_SHARED: dict = {}
+SHARED_MAX = 4096
+
+
+def _shared(value: Any) -> Any:
+    """The copy of `value` (a string, a tuple of strings or a frozen dataclass of them) handed out
+    before, if one equal to it was; else `value`, remembered. Only for values that are equal exactly
+    when they are the same (never 1 and 1.0)."""
+    got = _SHARED.get(value)
+    if got is None:
+        if len(_SHARED) >= SHARED_MAX:
+            _SHARED.clear()
+        got = _SHARED.setdefault(value, value)
+    return got
 
 
 def _remote(row: dict) -> bool:
@@ -395,13 +424,13 @@ def _remote(row: dict) -> bool:
 
 def parse_details(value: Any) -> ModelDetails:
     d = value if isinstance(value, dict) else {}
-    return ModelDetails(
-        format=_label(d.get("format")),
-        family=_label(d.get("family")),
+    return _shared(ModelDetails(
+        format=_shared(_label(d.get("format"))),
+        family=_shared(_label(d.get("family"))),
         families=_strings(d.get("families")) or (),
-        parameter_size=_label(d.get("parameter_size")),
-        quantization_level=_label(d.get("quantization_level")),
-    )
+        parameter_size=_shared(_label(d.get("parameter_size"))),
+        quantization_level=_shared(_label(d.get("quantization_level"))),
+    ))
 
 
 def _digest(value: Any) -> str:
@@ -443,15 +472,15 @@ def parse_show(body: dict) -> ShowInfo:
     arch = _label(info.get("general.architecture"), 64)
     modelfile = body.get("modelfile")
     blob = _FROM_BLOB.search(modelfile[: 1 << 20]) if isinstance(modelfile, str) else None
-    return ShowInfo(
-        architecture=arch,
+    return _shared(ShowInfo(
+        architecture=_shared(arch),
         context_length=_int(info.get(f"{arch}.context_length"), 1, 1 << 31) if arch else None,
         parameter_count=_int(info.get("general.parameter_count")),
         capabilities=_strings(body.get("capabilities")),
         weights_blob=blob.group(1) if blob else None,
         details=parse_details(body.get("details")),
         remote=_remote(body),
-    )
+    ))
 
 
 _RFC3339 = re.compile(

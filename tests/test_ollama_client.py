@@ -347,3 +347,32 @@ def test_dropped_rows_are_counted_on_every_answer_even_when_it_did_not_change(up
     up.reply("GET", "/api/tags", body=_tags(ROW_A, ROW_B, {"name": ""}))
     assert ollama.tags().dropped == {"limit": 2}
     assert ollama.tags().dropped == {"limit": 2}  # the same bytes: the same answer, the same drops
+
+
+def test_rows_are_told_unchanged_by_a_number_and_equal_values_are_kept_once(up):
+    """What a listed model costs while it is listed (and, in a burst of names, what the burst leaves
+    behind) was a copy of its row's bytes, kept to tell it unchanged, and the row's own copies of the
+    server's few formats, families and quantizations. Now a hash per row, and one copy of each value."""
+    import tracemalloc
+
+    rows = inventory(2000)
+    raw = json.dumps({"models": rows}, separators=(",", ":")).encode()
+    up.reply("GET", "/api/tags", body=raw)
+    ollama = OllamaClient(up.url, 5.0, max_models=2000)
+    tracemalloc.start()
+    try:
+        models = ollama.tags()
+        kept = tracemalloc.get_traced_memory()[0] - len(raw)  # the answer is kept whole, to tell it unchanged
+    finally:
+        tracemalloc.stop()
+    assert len({id(m.details) for m in models}) == 1 and models[0].details.family == "llama"
+    assert kept / 2000 < 650  # the model, its name, digest and size, its key and its entry (was 1 305)
+
+
+def test_answers_with_ever_new_values_do_not_grow_the_table_of_shared_values():
+    from ollama_exporter import ollama as module
+
+    for i in range(3 * module.SHARED_MAX):
+        details = module.parse_details({"family": f"family-{i}", "families": [f"family-{i}"]})
+        assert details.family == f"family-{i}" and details.families == (f"family-{i}",)
+    assert len(module._SHARED) <= module.SHARED_MAX
