@@ -289,7 +289,7 @@ class Sections:
 
     def __init__(self) -> None:
         self._last: dict[str, tuple[tuple, list[Family]]] = {}
-        self._rows: dict[str, dict[str, tuple[object, list]]] = {}  # section -> model -> (its inputs, its rows)
+        self._rows: dict[str, dict[str, tuple]] = {}  # section -> model -> (its inputs, *its rows)
 
     def get(self, name: str, inputs: tuple, build: Callable[[], Iterable[Family]]) -> list[Family]:
         return _reused(self._last, name, inputs, lambda: list(build()))
@@ -300,14 +300,14 @@ class Sections:
         name, row... (flat: a pair each would be one more object per series). A model whose inputs did
         not change keeps its rows from last time (the same objects: the writer then compares nothing,
         and a changed section does not hold a second copy of every row while it is built); models no
-        longer listed are forgotten."""
+        longer listed are forgotten. Each model's are kept as one tuple, (inputs, family, row, ...)."""
         last, kept, rows = self._rows.get(section, {}), {}, []
         for model, inputs in models:
             got = last.get(model)
             if not _unchanged(got, inputs):
-                got = (inputs, build(model, inputs))
+                got = (inputs, *build(model, inputs))
             kept[model] = got
-            rows += got[1]
+            rows += got[1:]
         self._rows[section] = kept
         return rows
 

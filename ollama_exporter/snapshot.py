@@ -30,7 +30,7 @@ class SourceError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelDetails:
     """The `details` object shared by /api/tags, /api/ps and /api/show."""
 
@@ -52,7 +52,7 @@ class ModelDetails:
 _NO_DETAILS = ModelDetails()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShowInfo:
     """What /api/show adds to a tags row; immutable per manifest digest, so it is cached by digest."""
 
@@ -65,7 +65,7 @@ class ShowInfo:
     remote: bool = False  # `remote_host`/`remote_model`: a cloud model, served by another server
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstalledModel:
     """One /api/tags row, joined with its cached /api/show info when that is known."""
 
@@ -92,7 +92,7 @@ class InstalledModel:
         return self.capabilities or ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoadedModel:
     """One /api/ps row."""
 

@@ -232,3 +232,37 @@ def test_an_unchanged_inventory_is_the_same_objects_in_the_next_snapshot(fake_ol
     assert {m.name: m for m in third.installed}["gemma3:4b"] is {m.name: m for m in first.installed}["gemma3:4b"]
     assert third.loaded == () and third.unloads_total["qwen3:8b"] == 1
     assert sample(text(third), "ollama_model_size_bytes", model="llama3.2:1b") == 4_920_000_000
+
+
+def test_what_the_daemon_keeps_per_listed_model_is_a_few_dozen_small_objects(fake_ollama):
+    """The memory a burst of model names leaves behind follows how many small objects each listed model
+    holds while it is listed: the client's reuse state, the parsed rows and /api/show answers, the
+    joined models and the metrics' rows. Each decoded row and show answer held its own copies of the
+    server's few formats, families, quantizations and capability lists, and each model object its own
+    attribute dict: 65 small objects per model, where a few dozen remain."""
+    import tracemalloc
+
+    from ollama_exporter.exposition import Exposition
+
+    models = 300
+    poller, exposition = make_poller(fake_ollama, timeout=10.0), Exposition(runtime_metrics=False)
+    for i in range(models):
+        fake_ollama.add_model(f"burst-{i}:q4", capabilities=["completion", "tools"])
+        if i % 3 == 0:
+            fake_ollama.load(f"burst-{i}:q4")
+    exposition.update(poller.poll_once())
+    for i in range(models):  # the same models under other names: new rows, the same kind of values
+        fake_ollama.remove_model(f"burst-{i}:q4")
+        fake_ollama.add_model(f"other-{i}:q4", capabilities=["completion", "tools"])
+        if i % 3 == 0:
+            fake_ollama.load(f"other-{i}:q4")
+    ours = [tracemalloc.Filter(True, "*/ollama_exporter/*", all_frames=True)]  # not the fake's, in this process
+    tracemalloc.start(8)
+    try:
+        exposition.update(poller.poll_once())
+        exposition.update(snapshot := poller.poll_once())
+        kept = [t for t in tracemalloc.take_snapshot().filter_traces(ours).traces if t.size <= 512]
+    finally:
+        tracemalloc.stop()
+    assert 'model="other-299:q4"' in text(snapshot)
+    assert len(kept) / models < 45
