@@ -187,7 +187,7 @@ class Daemon:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the configuration files. The process is the daemon's
         now: its garbage collector is set up for it (no full walk of 2 000 models under a scrape), and its
         heaps are trimmed after a burst."""
-        self.poller.after_poll = after_each_poll()
+        self.poller.after_poll = after_each_poll(lambda: self.poller.forgotten)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop.set())
         signal.signal(signal.SIGHUP, lambda signum, frame: self._reload_wanted.set())

@@ -16,6 +16,12 @@ is free in the heaps than after the last trim, malloc_trim() gives back every fr
 
 Only glibc has mallopt(), mallinfo2() and malloc_trim(); elsewhere (musl, macOS) this does nothing.
 
+When the poller forgets models, what a burst of names built is being freed, and two things would keep
+part of it resident: the interpreter's free lists (up to 2 000 tuples of each length, ready for reuse,
+and the last ones freed are the burst's) and the heaps' free pages below live blocks. So after a poll
+that forgot models (at most every AFTER_FORGET) a full collection empties the free lists, and the heaps
+are trimmed whatever the amount freed.
+
 The cyclic garbage collector is the other thing a burst of work sets off: at 2 000 models a full
 collection walks every object the exporter holds (the parsed inventory, the rendered sections) for
 ~20 ms with the interpreter lock held, and a scrape that lands in it waits that long. Nearly all of
@@ -42,6 +48,7 @@ ARENA_MAX = 2
 FULL_COLLECT_EVERY = 600.0  # seconds between full collections of what polls left frozen
 TRIM_EVERY = 10.0  # seconds between looks at how much the heaps hold free
 TRIM_ABOVE = 1 << 20  # bytes freed in the heaps since the last trim that are worth a trim
+AFTER_FORGET = 10.0  # seconds: the least between two clean-ups after polls that forgot models
 
 
 class _MallInfo2(ctypes.Structure):
@@ -79,17 +86,22 @@ class HeapTrimmer:
         self._trim = _libc_function("malloc_trim", ctypes.c_int, [ctypes.c_size_t])
         self._looked = clock()
         self._low: Optional[int] = None  # the least free in the heaps since the last trim
+        self._released = False  # told a burst was freed since the last trim
         self.trims = 0
 
-    def after_poll(self) -> None:
+    def after_poll(self, released: bool = False) -> None:
+        """`released`: a burst's objects were just freed (models forgotten): the next look trims
+        whatever the amount."""
+        self._released = self._released or released
         if self._info is None or self._trim is None or self.clock() - self._looked < self.every:
             return
         self._looked = self.clock()
         free = self._info().fordblks
         self._low = free if self._low is None else min(self._low, free)
-        if free - self._low >= self.above:
+        if self._released or free - self._low >= self.above:
             self._trim(0)
             self.trims += 1
+            self._released = False
             self._low = self._info().fordblks  # trimmed pages still count as free: measure from here
 
 
@@ -101,21 +113,28 @@ class QuietCollector:
         self.clock = clock
         self._last_full = clock()
 
-    def after_poll(self) -> None:
-        """Call when a poll has published: what it built is long-lived now."""
-        if self.clock() - self._last_full >= self.full_every:
+    def after_poll(self, released: bool = False) -> None:
+        """Call when a poll has published: what it built is long-lived now. `released`: a burst's objects
+        were just freed (models forgotten): a full collection also empties the free lists."""
+        if self.clock() - self._last_full >= self.full_every or released:
             gc.unfreeze()
-            gc.collect()
+            gc.collect()  # the oldest generation: the interpreter's free lists are emptied too
             self._last_full = self.clock()
         gc.freeze()
 
 
-def after_each_poll() -> Callable[[], None]:
+def after_each_poll(forgotten: Callable[[], int] = lambda: 0) -> Callable[[], None]:
     """What the daemon runs after every poll: what the poll left alive is frozen, then the heaps are
-    trimmed if a burst freed enough in them."""
+    trimmed if a burst freed enough in them; after polls that forgot models (`forgotten()`: how many
+    so far), at most every AFTER_FORGET, a full collection and a trim (see the module's docstring)."""
     collector, trimmer = QuietCollector(), HeapTrimmer()
+    seen = [forgotten(), time.monotonic()]  # forgotten() at the last clean-up, and when that was
 
     def after_poll() -> None:
-        collector.after_poll()
-        trimmer.after_poll()
+        count, now = forgotten(), time.monotonic()
+        released = count != seen[0] and now - seen[1] >= AFTER_FORGET
+        if released:
+            seen[:] = [count, now]
+        collector.after_poll(released)
+        trimmer.after_poll(released)
     return after_poll

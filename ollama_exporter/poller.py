@@ -134,6 +134,7 @@ class Poller:
         self.settle_shows = False  # wait for new /api/show answers within the poll (--once, probe command)
         self.sources: tuple[str, ...] = API_SOURCES  # which of Ollama's endpoints to read (multi-target modules)
         self._seen: dict[str, float] = {}  # model name -> when it was last in /api/tags or /api/ps
+        self.forgotten = 0  # model names forgotten so far (what they held was freed: see memory.after_each_poll)
         self._dropped: Counter = Counter({(s, r): 0 for s in ("ps", "tags") for r in DROP_REASONS})
         self._status: dict[str, SourceStatus] = {}
         self._errors: Counter = Counter({(s, r): 0 for s in API_SOURCES for r in ERROR_REASONS})
@@ -404,6 +405,7 @@ class Poller:
                 counter.pop(name, None)
             if self._previous_loaded is not None:
                 self._previous_loaded.pop(name, None)
+        self.forgotten += len(gone)
         if gone:  # a dict keeps the table it grew to (thousands of names after a burst): copies fit what is left
             self._seen = dict(self._seen)
             self._loads, self._unloads, self._downgrades = (Counter(c) for c in (self._loads, self._unloads,
