@@ -123,15 +123,15 @@ class QuietCollector:
         gc.freeze()
 
 
-def after_each_poll(forgotten: Callable[[], int] = lambda: 0) -> Callable[[], None]:
+def after_each_poll(forgotten: Callable[[], int] = lambda: 0, clock=time.monotonic) -> Callable[[], None]:
     """What the daemon runs after every poll: what the poll left alive is frozen, then the heaps are
     trimmed if a burst freed enough in them; after polls that forgot models (`forgotten()`: how many
     so far), at most every AFTER_FORGET, a full collection and a trim (see the module's docstring)."""
     collector, trimmer = QuietCollector(), HeapTrimmer()
-    seen = [forgotten(), time.monotonic()]  # forgotten() at the last clean-up, and when that was
+    seen = [forgotten(), clock()]  # forgotten() at the last clean-up, and when that was
 
     def after_poll() -> None:
-        count, now = forgotten(), time.monotonic()
+        count, now = forgotten(), clock()
         released = count != seen[0] and now - seen[1] >= AFTER_FORGET
         if released:
             seen[:] = [count, now]

@@ -312,6 +312,66 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+def test_a_forget_has_the_heaps_trimmed_at_the_next_look_whatever_it_freed():
+    """A trim waited for TRIM_ABOVE more free in the heaps than after the last one: the pages a forget
+    freed below live blocks stayed resident when the forget freed less than that."""
+    from types import SimpleNamespace
+
+    from ollama_exporter.memory import TRIM_EVERY, HeapTrimmer
+
+    now, trims = [0.0], []
+    trimmer = HeapTrimmer(clock=lambda: now[0])
+    trimmer._info, trimmer._trim = (lambda: SimpleNamespace(fordblks=1000)), trims.append
+    now[0] += TRIM_EVERY
+    trimmer.after_poll()
+    assert trims == []  # nothing freed
+    now[0] += 1
+    trimmer.after_poll(released=True)
+    assert trims == []  # too soon to look again: remembered
+    now[0] += TRIM_EVERY
+    trimmer.after_poll()
+    assert trims == [0]
+    now[0] += TRIM_EVERY
+    trimmer.after_poll()
+    assert trims == [0]  # once per forget
+
+
+def test_after_a_poll_that_forgot_models_a_full_collection_empties_the_free_lists():
+    """The tuples a burst of names freed last stayed on the interpreter's free lists, which only a full
+    collection empties (gc.collect's documentation), and those ran every FULL_COLLECT_EVERY (10
+    minutes): after a poll that forgot models one runs, at most every AFTER_FORGET. In a child
+    process: gc.freeze() is process-wide. A cycle among frozen objects tells a full collection ran."""
+    import subprocess
+    import sys
+
+    check = r'''
+import gc, weakref
+from ollama_exporter.memory import AFTER_FORGET, after_each_poll
+now, forgotten = [1000.0], [0]
+after_poll = after_each_poll(lambda: forgotten[0], clock=lambda: now[0])
+class Node: pass
+def cycle():
+    a, b = Node(), Node(); a.other, b.other = b, a
+    return weakref.ref(a)
+alive = cycle()
+after_poll()  # frozen, as after every poll
+gc.collect()
+assert alive() is not None
+now[0] += AFTER_FORGET; after_poll()
+assert alive() is not None, "a full collection with nothing forgotten"
+forgotten[0] += 5; after_poll()
+assert alive() is None, "no full collection after a forget"
+alive = cycle(); after_poll()
+now[0] += 1; forgotten[0] += 1; after_poll()
+assert alive() is not None, "collected again within AFTER_FORGET"
+now[0] += AFTER_FORGET; after_poll()  # the forget is not lost: done once the time has come
+assert alive() is None
+print("ok")
+'''
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_polls_keep_long_lived_objects_out_of_gc_walks_and_cycles_are_still_reclaimed():
     """A full GC walk of a 2 000-model exporter held the interpreter ~20 ms under a scrape (bench_scale's
     paced p99): after a poll what is alive is frozen, and a full collection every FULL_COLLECT_EVERY

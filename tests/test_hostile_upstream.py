@@ -230,9 +230,11 @@ def test_forgotten_models_lose_their_series(up):
     now[0] += 30
     poller.poll_once()
     assert sample(exposition.get().data.decode(), "ollama_model_loads_total", model="gone:1") == 0  # kept a while
+    assert poller.forgotten == 0
     now[0] += 31
     poller.poll_once()
     assert "gone:1" not in exposition.get().data.decode()
+    assert poller.forgotten == 1  # what the daemon's clean-up after a forget looks at (memory.after_each_poll)
 
 
 def test_forgetting_a_burst_of_names_gives_back_the_tables_it_grew(up):
