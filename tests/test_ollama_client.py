@@ -237,7 +237,7 @@ def inventory(models: int) -> list[dict]:
              "digest": hashlib.sha256(b"%d" % i).hexdigest(), "details": details} for i in range(models)]
 
 
-def test_what_is_kept_to_reuse_rows_is_a_string_per_model_not_the_decoded_row(up):
+def test_what_is_kept_to_reuse_rows_is_a_key_per_model_not_the_decoded_row(up):
     """The decoded row (two dicts, a list, their strings) was kept per model to tell it unchanged: at
     2 000 models and during a burst of names, dozens of small objects each that outlive the poll."""
     import tracemalloc
