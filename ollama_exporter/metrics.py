@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from ollama_exporter import __version__
+from ollama_exporter.shared import SharedValues
 from ollama_exporter.snapshot import HistogramValue, Snapshot
 
 KINDS = ("gauge", "counter", "histogram")
@@ -290,6 +291,7 @@ class Sections:
     def __init__(self) -> None:
         self._last: dict[str, tuple[tuple, list[Family]]] = {}
         self._rows: dict[str, dict[str, tuple]] = {}  # section -> model -> (its inputs, *its rows)
+        self.counts = SharedValues()  # one copy of each equal tuple of a model's event counts (shared.py)
 
     def get(self, name: str, inputs: tuple, build: Callable[[], Iterable[Family]]) -> list[Family]:
         return _reused(self._last, name, inputs, lambda: list(build()))
@@ -408,7 +410,7 @@ def _events(s: Snapshot, memo: Sections) -> list[Family]:
     counts = (s.loads_total, s.unloads_total, s.keep_alive_downgrades_total)
     names = sorted(set().union(*counts))
     return _by_model(_EVENTS, memo.model_rows(
-        "events", ((name, tuple(c.get(name) for c in counts)) for name in names), _event_rows))
+        "events", ((name, memo.counts(tuple(c.get(name) for c in counts))) for name in names), _event_rows))
 
 
 def _event_rows(name: str, values: tuple) -> list:

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Optional
 from ollama_exporter import __version__
 from ollama_exporter.config import Config, redact_url
 from ollama_exporter.httpclient import HttpClient, HttpError, StatusError
+from ollama_exporter.shared import SharedValues
 from ollama_exporter.snapshot import InstalledModel, LoadedModel, ModelDetails, ShowInfo, SourceError
 
 USER_AGENT = f"ollama-exporter/{__version__}"
@@ -181,21 +182,20 @@ class OllamaClient:
             if len(rows) >= self.max_models:
                 dropped["limit"] += 1
                 continue
-            entry = before.get(key) if key is not None else None
-            if entry is None:
+            model = before.get(key) if key is not None else None
+            if model is None:
                 try:
-                    entry = (key, parse(row))
+                    model = parse(row)
                 except _BadRow:
                     dropped["invalid"] += 1
                     continue
-            model = entry[1]
             if model.name in seen:
                 dropped["duplicate"] += 1
                 continue
             seen.add(model.name)
             rows.append(model)
             if key is not None:
-                parsed[entry[0]] = entry  # the last answer's key object when it is the same row
+                parsed[key] = model
         result = Rows(rows, dropped)
         self._last[path] = _LastAnswer(raw, Rows(rows, dropped), parsed)
         return result
@@ -243,7 +243,7 @@ def make_client(config: Config, url: Optional[str] = None, timeout: Optional[flo
 class _LastAnswer:
     raw: bytes
     rows: Rows
-    parsed: dict  # key of a row (see _key) -> (that key, what the row was parsed into)
+    parsed: dict  # key of a row (see _key) -> what the row was parsed into
 
 
 _ROWS_START, _ROWS_END, _ROW_CUT = b'{"models":[{"name":', b"}]}", b'},{"name":'
@@ -397,24 +397,7 @@ def _strings(value: Any, limit: int = MAX_CAPABILITIES) -> Optional[tuple[str, .
     return _shared(tuple(dict.fromkeys(s for s in (_label(v, 64) for v in value[:limit]) if s)))
 
 
-# The models of one server share a few formats, families, quantizations and capability lists, yet every
-# row and /api/show answer decodes its own copies: a dozen small objects per model that outlive the poll
-# (and, in a burst of names, set how much memory the burst leaves behind). Parsers hand out one copy of
-# each such value instead; the table is emptied when full, so answers with ever new values cannot grow it.
-_SHARED: dict = {}
-SHARED_MAX = 4096
-
-
-def _shared(value: Any) -> Any:
-    """The copy of `value` (a string, a tuple of strings or a frozen dataclass of them) handed out
-    before, if one equal to it was; else `value`, remembered. Only for values that are equal exactly
-    when they are the same (never 1 and 1.0)."""
-    got = _SHARED.get(value)
-    if got is None:
-        if len(_SHARED) >= SHARED_MAX:
-            _SHARED.clear()
-        got = _SHARED.setdefault(value, value)
-    return got
+_shared = SharedValues()  # formats, families, quantizations, capability lists, details: see shared.py
 
 
 def _remote(row: dict) -> bool:

@@ -149,7 +149,7 @@ class Poller:
         self._version: Optional[str] = None
         self._installed: tuple[InstalledModel, ...] = ()
         self._joined: tuple[InstalledModel, ...] = ()  # _installed with show info, as last published
-        self._joined_memo: dict[int, tuple] = {}  # id(tags row) -> (row, its ShowInfo, the two joined)
+        self._joined_memo: dict[str, tuple] = {}  # model name -> (tags row, its ShowInfo, the two joined)
         self._frozen_last: dict[str, Mapping] = {}
         self.reload_status: Optional[ReloadStatus] = None  # set by the daemon, copied into each snapshot
         self.after_poll: Optional[Callable[[], None]] = None  # run by the loop after each poll (the daemon's GC)
@@ -366,10 +366,10 @@ class Poller:
             if info is None:
                 joined.append(model)
                 continue
-            last = self._joined_memo.get(id(model))
+            last = self._joined_memo.get(model.name)  # names are unique in /api/tags rows (duplicates dropped)
             if last is None or last[0] is not model or last[1] is not info:
                 last = (model, info, replace(model, show=info))
-            memo[id(model)] = last
+            memo[model.name] = last
             joined.append(last[2])
         self._joined_memo = memo
         previous = self._joined

@@ -156,6 +156,32 @@ def test_families_parse_back_without_duplicates():
             seen.add(key)
 
 
+def test_models_remembered_after_they_went_hold_their_event_rows_and_no_more():
+    """A model gone from /api/tags and /api/ps keeps its event counters for poll.forget_after: in a burst
+    of names most models at any time are such models. Each held its own tuple of counts, though nearly
+    all count the same (none yet, or one load and one unload)."""
+    import gc
+    import tracemalloc
+
+    names = [f"gone-{i}:q4" for i in range(2000)]
+    snap = Snapshot.empty()
+    snap = Snapshot(**{**{f: getattr(snap, f) for f in snap.__dataclass_fields__},
+                       "loads_total": frozen_map({n: i % 2 for i, n in enumerate(names)}),
+                       "unloads_total": frozen_map({n: i % 2 for i, n in enumerate(names)}),
+                       "keep_alive_downgrades_total": frozen_map({n: 0 for n in names})})
+    sections = metrics.Sections()
+    tracemalloc.start()
+    try:
+        families = list(metrics.collect(snap, sections))
+        gc.collect()  # empties the free lists, whose tuples tracemalloc counts as allocated
+        small = sum(1 for t in tracemalloc.take_snapshot().traces if t.size <= 512)
+    finally:
+        tracemalloc.stop()
+    loads = next(f for f in families if f.d.name == "ollama_model_loads_total")
+    assert len(loads.rows) == 2000 and dict(loads.rows)[("gone-1:q4",)] == 1
+    assert small / 2000 < 5.5  # three rows, their label tuple, the rows kept for reuse (6 before)
+
+
 def test_a_changed_section_rebuilds_the_rows_of_the_models_that_changed_only():
     """When one model of thousands changes (or names come and go), the installed, loaded and event
     sections are built again; the other models keep their very row objects, so the writer compares

@@ -372,7 +372,7 @@ def test_rows_are_told_unchanged_by_a_number_and_equal_values_are_kept_once(up):
 def test_answers_with_ever_new_values_do_not_grow_the_table_of_shared_values():
     from ollama_exporter import ollama as module
 
-    for i in range(3 * module.SHARED_MAX):
+    for i in range(3 * module._shared.limit):
         details = module.parse_details({"family": f"family-{i}", "families": [f"family-{i}"]})
         assert details.family == f"family-{i}" and details.families == (f"family-{i}",)
-    assert len(module._SHARED) <= module.SHARED_MAX
+    assert len(module._shared) <= module._shared.limit

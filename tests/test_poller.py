@@ -240,6 +240,7 @@ def test_what_the_daemon_keeps_per_listed_model_is_a_few_dozen_small_objects(fak
     joined models and the metrics' rows. Each decoded row and show answer held its own copies of the
     server's few formats, families, quantizations and capability lists, and each model object its own
     attribute dict: 65 small objects per model, where a few dozen remain."""
+    import gc
     import tracemalloc
 
     from ollama_exporter.exposition import Exposition
@@ -261,8 +262,9 @@ def test_what_the_daemon_keeps_per_listed_model_is_a_few_dozen_small_objects(fak
     try:
         exposition.update(poller.poll_once())
         exposition.update(snapshot := poller.poll_once())
+        gc.collect()  # a full collection empties the free lists, whose tuples tracemalloc counts as allocated
         kept = [t for t in tracemalloc.take_snapshot().filter_traces(ours).traces if t.size <= 512]
     finally:
         tracemalloc.stop()
     assert 'model="other-299:q4"' in text(snapshot)
-    assert len(kept) / models < 45
+    assert len(kept) / models < 40  # 67 before
