@@ -138,8 +138,9 @@ class _FamilyText:
         """Where row i's line starts in the body: where the row before it ends."""
         return self.ends[i - 1] if i else 0
 
-    def line(self, i: int) -> str:
-        return self.body[self.start(i):self.ends[i]]
+    def rendered(self, i: int) -> bool:
+        """Whether row i has a line (a row that could not be rendered was left out: an empty span)."""
+        return self.ends[i] != self.start(i)
 
     def text(self, start: int, stop: int) -> str:
         """The lines of rows start to stop (not included)."""
@@ -194,7 +195,7 @@ class Writer:
             # rows came or went, each is looked up by value instead.
             failed: set[int] = set()  # rows left out last time (an empty span) are tried again
             if last is not None and last.left_out:
-                failed = {i for i in range(len(old_rows)) if last.ends[i] == last.start(i)}
+                failed = {i for i in range(len(old_rows)) if not last.rendered(i)}
             if len(old_rows) == len(rows):
                 runs = _runs_in_place([i for i, (before, row) in enumerate(zip(old_rows, rows))
                                        if (before is not row and before != row) or i in failed], len(rows))

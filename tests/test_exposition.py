@@ -379,7 +379,7 @@ def test_incremental_renders_match_fresh_ones_whatever_rows_come_go_or_change_le
         family.rows = list(rows)
         last = writer._last.get(d.name)
         old = last.rows if last else []
-        rendered = [bool(last.line(k)) for k in range(len(old))] if last else []  # False: left out
+        rendered = [last.rendered(k) for k in range(len(old))] if last else []  # False: left out
         if len(old) == len(rows):  # rows are compared where they stand
             expected = [r for k, r in enumerate(rows) if not rendered[k] or (old[k] is not r and old[k] != r)]
         else:  # rows came or went: each is looked up by value
