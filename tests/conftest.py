@@ -62,6 +62,15 @@ def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> int:
     return proc.returncode
 
 
+def run_python(script: str, *args: str, timeout: float = 60) -> str:
+    """Run `script` in a fresh interpreter from the repository root, for what is process-wide (gc.freeze,
+    malloc's settings, what other tests' threads allocate); its standard output, or fail with its errors."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
     """Poll `predicate` until it returns a truthy value; fail with `message` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -23,7 +23,7 @@ from ollama_exporter.daemon import Daemon
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
 from ollama_exporter.snapshot import GpuState
-from tests.conftest import free_port, sample, wait_for
+from tests.conftest import free_port, run_python, sample, wait_for
 from tests.fakes.hostile import ScriptedServer
 from tests.test_hostile_upstream import row, serve
 
@@ -247,8 +247,6 @@ def test_malloc_takes_the_settings_that_let_a_bursts_memory_go_back():
     """benchmarks/bench_soak.py measures the effect; here: glibc accepts them, and afterwards a 64 KB block
     is a mapping of its own, unmapped when freed (glibc's default threshold grows with what it sees)."""
     import platform
-    import subprocess
-    import sys
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt() is glibc's")
@@ -270,10 +268,8 @@ during = mapped() - before
 del blocks
 print(during, mapped() - before)
 '''
-    tuned, default = (subprocess.run([sys.executable, "-c", check, arg], capture_output=True, text=True, timeout=30)
-                      for arg in ("tuned", "default"))
-    assert tuned.returncode == 0 and default.returncode == 0, tuned.stderr + default.stderr
-    (during, after), (default_during, _) = ([int(n) for n in r.stdout.split()] for r in (tuned, default))
+    tuned, default = (run_python(check, arg, timeout=30) for arg in ("tuned", "default"))
+    (during, after), (default_during, _) = ([int(n) for n in out.split()] for out in (tuned, default))
     assert during >= 45 and after <= 0  # each block mapped on its own, and unmapped when freed
     assert default_during <= 5  # by default in the heap, where freed space stays
 
@@ -282,8 +278,6 @@ def test_after_a_burst_the_free_pages_in_mallocs_heaps_go_back_and_not_before():
     """Space freed in the middle of a heap stays resident (glibc gives back only a heap's top): after a
     burst frees enough of it, the next look trims the heaps; with nothing new freed, it does not."""
     import platform
-    import subprocess
-    import sys
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallinfo2() and malloc_trim() are glibc's")
@@ -308,8 +302,7 @@ now[0] += TRIM_EVERY; trimmer.after_poll()
 assert trimmer.trims == 1, "trimmed again with nothing new freed"
 print("ok")
 '''
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert run_python(check).strip() == "ok"
 
 
 def test_a_forget_has_the_heaps_trimmed_at_the_next_look_whatever_it_freed():
@@ -341,9 +334,6 @@ def test_after_a_poll_that_forgot_models_a_full_collection_empties_the_free_list
     collection empties (gc.collect's documentation), and those ran every FULL_COLLECT_EVERY (10
     minutes): after a poll that forgot models one runs, at most every AFTER_FORGET. In a child
     process: gc.freeze() is process-wide. A cycle among frozen objects tells a full collection ran."""
-    import subprocess
-    import sys
-
     check = r'''
 import gc, weakref
 from ollama_exporter.memory import AFTER_FORGET, after_each_poll
@@ -368,17 +358,13 @@ now[0] += AFTER_FORGET; after_poll()  # the forget is not lost: done once the ti
 assert alive() is None
 print("ok")
 '''
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert run_python(check).strip() == "ok"
 
 
 def test_polls_keep_long_lived_objects_out_of_gc_walks_and_cycles_are_still_reclaimed():
     """A full GC walk of a 2 000-model exporter held the interpreter ~20 ms under a scrape (bench_scale's
     paced p99): after a poll what is alive is frozen, and a full collection every FULL_COLLECT_EVERY
     still reclaims cycles among it. In a child process: gc.freeze() is process-wide."""
-    import subprocess
-    import sys
-
     check = r'''
 import gc, weakref
 from ollama_exporter.memory import QuietCollector
@@ -400,8 +386,7 @@ assert alive() is None, "a cycle among frozen objects was never reclaimed"
 assert gc.get_freeze_count() >= 100_000  # and what is alive is frozen again
 print("ok")
 '''
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert run_python(check).strip() == "ok"
 
 
 def test_the_loop_runs_after_poll_after_every_poll_and_survives_it_failing(up):

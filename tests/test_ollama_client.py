@@ -211,6 +211,11 @@ def _tags(*rows: dict) -> bytes:
     return json.dumps({"models": list(rows)}).encode()
 
 
+def _compact(*rows: dict) -> bytes:
+    """An answer as Ollama writes it (Go's encoding/json: no spaces), so rows are read from its bytes."""
+    return json.dumps({"models": list(rows)}, separators=(",", ":")).encode()
+
+
 ROW_A = {"name": "a:1", "digest": "a" * 64, "size": 1000, "details": {"family": "llama", "families": ["llama"]}}
 ROW_B = {"name": "b:1", "digest": "b" * 64, "size": 2000, "details": {"family": "qwen3", "families": ["qwen3"]}}
 
@@ -313,11 +318,10 @@ def test_in_a_burst_of_names_only_the_new_rows_are_decoded(up):
     import tracemalloc
 
     rows = inventory(2000)
-    compact = {"separators": (",", ":")}
-    up.reply("GET", "/api/tags", body=json.dumps({"models": rows}, **compact).encode())
+    up.reply("GET", "/api/tags", body=_compact(*rows))
     ollama = OllamaClient(up.url, 5.0, max_models=5000)
     first = ollama.tags()
-    up.reply("GET", "/api/tags", body=json.dumps({"models": rows + [dict(rows[0], name="new:1")]}, **compact).encode())
+    up.reply("GET", "/api/tags", body=_compact(*rows, dict(rows[0], name="new:1")))
     tracemalloc.start()
     try:
         second = ollama.tags()
@@ -356,7 +360,7 @@ def test_rows_are_told_unchanged_by_a_number_and_equal_values_are_kept_once(up):
     import tracemalloc
 
     rows = inventory(2000)
-    raw = json.dumps({"models": rows}, separators=(",", ":")).encode()
+    raw = _compact(*rows)
     up.reply("GET", "/api/tags", body=raw)
     ollama = OllamaClient(up.url, 5.0, max_models=2000)
     tracemalloc.start()

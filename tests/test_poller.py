@@ -9,7 +9,7 @@ import pytest
 from ollama_exporter.exposition import render
 from ollama_exporter.ollama import OllamaClient
 from ollama_exporter.poller import Poller
-from tests.conftest import FIXTURES, sample
+from tests.conftest import FIXTURES, run_python, sample
 
 
 def make_poller(fake, timeout: float = 1.0, clock=time.time, settle: bool = True) -> Poller:
@@ -241,10 +241,6 @@ def test_what_the_daemon_keeps_per_listed_model_is_a_few_dozen_small_objects():
     server's few formats, families, quantizations and capability lists, and each model object its own
     attribute dict: 67 small objects per model, where a few dozen remain. In a child process, with its
     own fake Ollama, so that no other test's threads allocate while it counts."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     check = r'''
 import gc, os, tracemalloc
 import ollama_exporter
@@ -277,7 +273,4 @@ assert 'model="other-299:q4"' in render(snapshot)[0].decode()
 print(len(kept) / models)
 fake.stop()
 '''
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr
-    assert float(done.stdout) < 40  # 67 before
+    assert float(run_python(check, timeout=120)) < 40  # 67 before
