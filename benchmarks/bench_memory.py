@@ -28,16 +28,30 @@ import time
 import tracemalloc
 from pathlib import Path
 
-# The rows bench_soak.py lists, written here again on purpose: the --against child runs this file with
-# another checkout first on the path, whose bench_soak.py may not be this one.
+# The answers bench_soak.py's scripted Ollama gives, written here again on purpose: importing bench_soak
+# puts this checkout's root first on the path, and the --against child must import the other checkout's
+# ollama_exporter.
 DETAILS = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
            "parameter_size": "8.0B", "quantization_level": "Q4_K_M"}
+SHOW = {"model_info": {"general.architecture": "llama", "llama.context_length": 131072,
+                       "general.parameter_count": 8_030_261_248},
+        "capabilities": ["completion", "tools"], "details": DETAILS}
 
 
 def tags_row(i: int, size: int = 4_920_753_328) -> dict:
     name = f"model-{i}:q{i % 7}"
     return {"name": name, "model": name, "modified_at": "2026-01-01T00:00:00Z", "size": size,
             "digest": hashlib.sha256(name.encode()).hexdigest(), "details": DETAILS}
+
+
+def ps_row(i: int) -> dict:
+    return {**tags_row(i), "size": 6_654_289_920, "expires_at": "2318-01-01T00:00:00Z", "size_vram": 6_654_289_920,
+            "context_length": 4096}
+
+
+def answer(obj: dict) -> bytes:
+    """JSON as Ollama writes it (Go's encoding/json: no spaces)."""
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def timed(fn, repeat: int) -> float:
@@ -77,8 +91,7 @@ def peaked(action) -> int:
 def client_figures(models: int, repeat: int) -> dict:
     from ollama_exporter.ollama import OllamaClient
 
-    answers = [json.dumps({"models": [tags_row(i, 4_920_753_328 + (k if i == k else 0)) for i in range(models)]},
-                          separators=(",", ":")).encode()
+    answers = [answer({"models": [tags_row(i, 4_920_753_328 + (k if i == k else 0)) for i in range(models)]})
                for k in range(repeat + 1)]  # answer k: row k changed
     client = OllamaClient("http://127.0.0.1:9", 1.0, max_models=models)
     current = [answers[0]]
@@ -112,17 +125,6 @@ def writer_figures(models: int, repeat: int) -> dict:
             "writer_changed_row_ms": timed(lambda: writer.prepare([next(rest)]), repeat) * 1000}
 
 
-def ps_row(i: int) -> dict:
-    row = tags_row(i)
-    return {**row, "size": 6_654_289_920, "expires_at": "2318-01-01T00:00:00Z", "size_vram": 6_654_289_920,
-            "context_length": 4096}
-
-
-SHOW = {"model_info": {"general.architecture": "llama", "llama.context_length": 131072,
-                       "general.parameter_count": 8_030_261_248},
-        "capabilities": ["completion", "tools"], "details": DETAILS}
-
-
 def pipeline_figures(models: int) -> dict:
     """What the whole daemon keeps per model a burst lists (the client, the poller with its show cache,
     the metrics' sections and the writer): 20 steady models, then `models` more, every third loaded,
@@ -133,11 +135,11 @@ def pipeline_figures(models: int) -> dict:
     from ollama_exporter.poller import Poller
 
     client = OllamaClient("http://127.0.0.1:9", 5.0, max_models=models + 100)
-    answers = {"/api/version": b'{"version":"0.30.0"}', "/api/show": json.dumps(SHOW, separators=(",", ":")).encode()}
+    answers = {"/api/version": b'{"version":"0.30.0"}', "/api/show": answer(SHOW)}
 
     def listing(count: int) -> None:
-        answers["/api/tags"] = json.dumps({"models": [tags_row(i) for i in range(count)]}, separators=(",", ":")).encode()
-        answers["/api/ps"] = json.dumps({"models": [ps_row(i) for i in range(0, count, 3)]}, separators=(",", ":")).encode()
+        answers["/api/tags"] = answer({"models": [tags_row(i) for i in range(count)]})
+        answers["/api/ps"] = answer({"models": [ps_row(i) for i in range(0, count, 3)]})
 
     client._body = lambda method, path, *a, **kw: answers[path]
     poller, exposition = Poller(client, 1.0), Exposition(runtime_metrics=False)
